@@ -1,0 +1,70 @@
+/* activations.h - calibration activation files (HDF5).
+ *
+ * Root attributes format = "moecal-activations", format_version = 1;
+ * /layers/<L>/hidden [T, H] per MoE layer L (model layer index), same T for
+ * all layers, chunked by rows; element type bf16 (16-bit HDF5 float, 8
+ * exponent bits, bias 127, 7 mantissa bits), float16 or float32.
+ */
+#ifndef MOECAL_ACTIVATIONS_H
+#define MOECAL_ACTIVATIONS_H
+
+#include <stdint.h>
+#include <mpi.h>
+
+#include "dtype.h"
+#include "error.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct moecal_act moecal_act;
+
+/* Open for reading.  comm == MPI_COMM_NULL: serial (sec2) access; otherwise
+ * the file is opened with MPI-IO on comm (collective over comm) and reads are
+ * independent.  Validates format attributes, layer groups, shapes and dtypes. */
+moecal_status moecal_act_open(const char *path, MPI_Comm comm, moecal_act **out);
+void moecal_act_close(moecal_act *a);
+const char *moecal_act_path(const moecal_act *a);
+int64_t moecal_act_tokens(const moecal_act *a);
+int moecal_act_hidden(const moecal_act *a);
+int moecal_act_n_layers(const moecal_act *a);
+const int *moecal_act_layers(const moecal_act *a);     /* ascending model layer indices */
+moecal_dtype moecal_act_dtype(const moecal_act *a);    /* stored element type */
+int moecal_act_has_layer(const moecal_act *a, int layer);
+
+/* Rows [row0, row0 + nrows) of /layers/<layer>/hidden, converted by HDF5 to
+ * float32 (exact for bf16/f16 data). */
+moecal_status moecal_act_read_float(moecal_act *a, int layer, int64_t row0, int64_t nrows,
+                                    float *dst);
+/* The same rows as bf16: stored bf16 is returned bit for bit, f16/f32 are
+ * rounded to nearest even (the dtype the model computes in). */
+moecal_status moecal_act_read_bf16(moecal_act *a, int layer, int64_t row0, int64_t nrows,
+                                   uint16_t *dst);
+
+/* Non-finite policy for rows holding NaN or Inf. */
+typedef enum { MOECAL_NONFINITE_ERROR = 0, MOECAL_NONFINITE_SKIP } moecal_nonfinite;
+/* Scan nrows bf16 rows of width H whose first row is token first_token of
+ * layer `layer`; mark bad rows in skip[] (1 = skip; may be NULL) and count them
+ * in *n_bad.  Under MOECAL_NONFINITE_ERROR the first bad row is an error that
+ * names the file, layer and token index. */
+moecal_status moecal_act_scan_nonfinite(const moecal_act *a, const uint16_t *rows,
+                                        int64_t nrows, int H, int layer,
+                                        int64_t first_token, moecal_nonfinite policy,
+                                        uint8_t *skip, int64_t *n_bad);
+
+/* Writer (serial), used by `moecal synth` and tests. */
+typedef struct moecal_act_writer moecal_act_writer;
+moecal_status moecal_act_create(const char *path, int64_t tokens, int hidden,
+                                const int *layers, int n_layers, moecal_dtype dtype,
+                                moecal_act_writer **out);
+/* Rows given as float32, converted to the file's type (bf16: nearest even). */
+moecal_status moecal_act_write_float(moecal_act_writer *w, int layer, int64_t row0,
+                                     int64_t nrows, const float *src);
+moecal_status moecal_act_writer_close(moecal_act_writer *w); /* renames tmp -> path */
+void moecal_act_writer_abort(moecal_act_writer *w);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,85 @@
+/* backend.h - compute backends behind one interface.
+ *
+ * A backend calibrates one rank's shard of experts [e0, e1) of one MoE layer
+ * at a time: load_layer() takes the router weights (all experts) and the
+ * rank's expert weights (bf16), then run_chunk() is called for every chunk of
+ * tokens.  For each chunk the backend routes every token (float32 logits, the
+ * model's router), gathers the tokens routed to each local expert (all tokens
+ * in all-experts mode), and reports per local expert the number of tokens,
+ * amax of the w1/w3 input x, and amax of the w2 input h, computed as the
+ * bf16 model does: a = bf16(x W1^T), b = bf16(x W3^T) (float32 accumulation),
+ * h = bf16(bf16(silu(a)) * b).
+ *
+ * Backends are registered in backend.c; NULL function pointers mean "not
+ * supported".
+ */
+#ifndef MOECAL_BACKEND_H
+#define MOECAL_BACKEND_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "error.h"
+#include "modelcfg.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct moecal_backend moecal_backend; /* backend-private state */
+
+typedef struct moecal_backend_config {
+    const moecal_model_config *model;
+    int e0, e1;              /* local experts [e0, e1); e1 - e0 may be 0 */
+    int64_t max_chunk_tokens;
+    bool all_experts;        /* --calib-all-experts */
+    int device;              /* CUDA device ordinal (placement), -1 for CPU */
+    uint64_t gpu_mem_limit;  /* bytes, 0 = no limit */
+    int threads;             /* CPU threads, 0 = default */
+    int rank;                /* for messages */
+} moecal_backend_config;
+
+typedef struct moecal_layer_weights {
+    int layer;                   /* model layer index */
+    const float *gate;           /* [E][H] router weight */
+    const float *bias;           /* [E] e_score_correction_bias or NULL */
+    const uint16_t *w1;          /* [n_local][I][H] bf16 (gate_proj) */
+    const uint16_t *w3;          /* [n_local][I][H] bf16 (up_proj) */
+} moecal_layer_weights;
+
+/* Per local expert results for one chunk. */
+typedef struct moecal_chunk_stats {
+    int64_t *tokens;   /* [n_local] tokens routed to each local expert */
+    float *amax_x;     /* [n_local] amax of the w1/w3 input, 0 if no token */
+    float *amax_h;     /* [n_local] amax of the w2 input, 0 if no token */
+} moecal_chunk_stats;
+
+typedef struct moecal_backend_ops {
+    const char *name;
+    /* Is the backend usable here (a GPU present, ...)?  NULL = always. */
+    bool (*available)(void);
+    moecal_status (*create)(const moecal_backend_config *cfg, moecal_backend **out);
+    moecal_status (*load_layer)(moecal_backend *b, const moecal_layer_weights *w);
+    /* x: [ntok][H] bf16, row-major; skip: [ntok] rows to ignore (non-finite
+     * rows under --nonfinite=skip) or NULL. */
+    moecal_status (*run_chunk)(moecal_backend *b, const uint16_t *x, int64_t ntok,
+                               const uint8_t *skip, moecal_chunk_stats *out);
+    /* Time split in seconds since create (route, gather, gemm, act, copy). */
+    void (*timings)(const moecal_backend *b, double t[5]);
+    void (*destroy)(moecal_backend *b);
+} moecal_backend_ops;
+
+/* Registry. */
+const moecal_backend_ops *moecal_backend_find(const char *name);  /* "cpu", "cuda" */
+/* "auto": cuda when compiled in and a GPU is present, else cpu. */
+const moecal_backend_ops *moecal_backend_auto(void);
+
+extern const moecal_backend_ops moecal_backend_cpu;
+#ifdef HAVE_CUDA
+extern const moecal_backend_ops moecal_backend_cuda;
+#endif
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,12 @@
+/* cmd_inspect.c - placeholder until its module lands (its owner replaces this file). */
+#include "config.h"
+#include "commands.h"
+#include "error.h"
+#include "runtime.h"
+
+int moecal_cmd_inspect(int argc, char **argv)
+{
+    (void)argc; (void)argv;
+    moecal_error_set(MOECAL_ERR_UNSUPPORTED, "'moecal inspect' is not built yet");
+    moecal_fatal_all(MOECAL_ERR_UNSUPPORTED);
+}

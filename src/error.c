@@ -1,0 +1,118 @@
+/* error.c - error recording; see error.h for the convention. */
+#include "config.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "error.h"
+
+#define MSG_MAX 2048
+
+static _Thread_local char err_msg[MSG_MAX];
+static _Thread_local moecal_status err_code = MOECAL_OK;
+
+moecal_status moecal_error_vset(moecal_status code, const char *fmt, va_list ap)
+{
+    vsnprintf(err_msg, sizeof err_msg, fmt, ap);
+    err_code = code;
+    return code;
+}
+
+moecal_status moecal_error_set(moecal_status code, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    moecal_error_vset(code, fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+moecal_status moecal_error_errno(int errnum, const char *fmt, ...)
+{
+    va_list ap;
+    size_t n;
+    moecal_status code = MOECAL_ERR_IO;
+
+    va_start(ap, fmt);
+    vsnprintf(err_msg, sizeof err_msg, fmt, ap);
+    va_end(ap);
+    n = strlen(err_msg);
+    snprintf(err_msg + n, sizeof err_msg - n, ": %s", strerror(errnum));
+    if (errnum == ENOMEM)
+        code = MOECAL_ERR_NOMEM;
+    err_code = code;
+    return code;
+}
+
+void moecal_error_prefix(const char *fmt, ...)
+{
+    char head[MSG_MAX];
+    size_t hl, ml;
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(head, sizeof head, fmt, ap);
+    va_end(ap);
+    hl = strlen(head);
+    ml = strlen(err_msg);
+    if (hl + ml >= MSG_MAX)
+        ml = MSG_MAX - 1 - hl;
+    memmove(err_msg + hl, err_msg, ml);
+    memcpy(err_msg, head, hl);
+    err_msg[hl + ml] = '\0';
+}
+
+const char *moecal_error_message(void)
+{
+    return err_msg[0] ? err_msg : "unknown error";
+}
+
+moecal_status moecal_error_code(void)
+{
+    return err_code;
+}
+
+void moecal_error_clear(void)
+{
+    err_msg[0] = '\0';
+    err_code = MOECAL_OK;
+}
+
+const char *moecal_status_name(moecal_status s)
+{
+    switch (s) {
+    case MOECAL_OK: return "success";
+    case MOECAL_ERR_USAGE: return "usage error";
+    case MOECAL_ERR_IO: return "I/O error";
+    case MOECAL_ERR_FORMAT: return "format error";
+    case MOECAL_ERR_UNSUPPORTED: return "unsupported";
+    case MOECAL_ERR_MISMATCH: return "inputs disagree";
+    case MOECAL_ERR_NONFINITE: return "non-finite input";
+    case MOECAL_ERR_EXISTS: return "output exists";
+    case MOECAL_ERR_NOMEM: return "out of memory";
+    case MOECAL_ERR_MPI: return "MPI error";
+    case MOECAL_ERR_HDF5: return "HDF5 error";
+    case MOECAL_ERR_CUDA: return "CUDA error";
+    case MOECAL_ERR_INTERRUPTED: return "interrupted";
+    case MOECAL_ERR_INTERNAL: return "internal error";
+    }
+    return "error";
+}
+
+int moecal_status_exit_code(moecal_status s)
+{
+    switch (s) {
+    case MOECAL_OK: return MOECAL_EXIT_OK;
+    case MOECAL_ERR_USAGE: return MOECAL_EXIT_USAGE;
+    case MOECAL_ERR_FORMAT:
+    case MOECAL_ERR_UNSUPPORTED:
+    case MOECAL_ERR_MISMATCH:
+    case MOECAL_ERR_NONFINITE: return MOECAL_EXIT_INPUT;
+    case MOECAL_ERR_IO:
+    case MOECAL_ERR_EXISTS: return MOECAL_EXIT_OUTPUT;
+    case MOECAL_ERR_NOMEM: return MOECAL_EXIT_RESOURCE;
+    case MOECAL_ERR_INTERRUPTED: return MOECAL_EXIT_REQUEUE;
+    default: return MOECAL_EXIT_FAILURE;
+    }
+}

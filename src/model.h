@@ -1,0 +1,57 @@
+/* model.h - a Hugging Face MoE checkpoint directory.
+ *
+ * config.json plus either model.safetensors.index.json and its shards or one
+ * model.safetensors.  Shard names are plain basenames inside the directory.
+ * Shards are opened lazily and only the tensors asked for are read, so a rank
+ * touches only its own experts of the current layer.
+ */
+#ifndef MOECAL_MODEL_H
+#define MOECAL_MODEL_H
+
+#include <stdint.h>
+
+#include "error.h"
+#include "modelcfg.h"
+#include "safetensors.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Projections, always in this order. */
+enum { MOECAL_W1 = 0, MOECAL_W2 = 1, MOECAL_W3 = 2, MOECAL_NPROJ = 3 };
+extern const char *const moecal_proj_name[MOECAL_NPROJ];   /* "w1","w2","w3" */
+
+typedef struct moecal_model moecal_model;
+
+moecal_status moecal_model_open(const char *dir, moecal_model **out);
+void moecal_model_close(moecal_model *m);
+const moecal_model_config *moecal_model_cfg(const moecal_model *m);
+const char *moecal_model_dir(const moecal_model *m);
+
+/* Tensor name of an expert projection's weight in this family, e.g.
+ * "model.layers.3.mlp.experts.17.gate_proj.weight". */
+void moecal_model_expert_name(const moecal_model *m, int layer, int expert, int proj,
+                              char *buf, size_t len);
+/* Model-Optimizer style module prefix, "model.layers.3.mlp.experts.17.gate_proj". */
+void moecal_model_expert_module(const moecal_model *m, int layer, int expert, int proj,
+                                char *buf, size_t len);
+
+/* Find a tensor by name (opens its shard on first use). */
+moecal_status moecal_model_find(moecal_model *m, const char *name,
+                                const moecal_st_file **file, const moecal_st_tensor **t);
+
+/* Load one expert projection as bf16, dequantizing FP8 with its
+ * weight_scale_inv.  w1/w3 have shape [I, H], w2 [H, I]; shapes and dtypes
+ * are checked against the config.  dst holds rows*cols bf16 values.
+ * *amax (may be NULL) receives max |W| (a bf16 value). */
+moecal_status moecal_model_load_expert(moecal_model *m, int layer, int expert, int proj,
+                                       uint16_t *dst, float *amax);
+/* Router weight [E, H] as float32, and e_score_correction_bias [E] (bias may
+ * be NULL; it must be non-NULL exactly when cfg->has_correction_bias). */
+moecal_status moecal_model_load_gate(moecal_model *m, int layer, float *weight, float *bias);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,79 @@
+/* options.h - one option table per subcommand, three sources.
+ *
+ * Every option of a subcommand is described once (name, type, default, help)
+ * and can be given on the command line (--name VALUE, --name=VALUE, -x),
+ * through the environment (MOECAL_NAME, dashes as underscores, upper case) or
+ * in a conf file (--config FILE, INI: key = value, key spelled as the option
+ * or with underscores, in [moecal] or [<subcommand>] sections).  Precedence:
+ * command line, environment, conf file, built-in default.  The usage text
+ * (--help) and --print-config come from the same table.
+ */
+#ifndef MOECAL_OPTIONS_H
+#define MOECAL_OPTIONS_H
+
+#include <stdbool.h>
+#include <stdio.h>
+
+#include "error.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum moecal_opt_type {
+    MOECAL_OPT_FLAG,    /* boolean: --x sets true; env/conf: 1/0/true/false/yes/no */
+    MOECAL_OPT_INT,     /* signed integer, optional k/M/G suffix (x1024) */
+    MOECAL_OPT_FLOAT,
+    MOECAL_OPT_STRING,
+    MOECAL_OPT_CHOICE   /* one of choices "a|b|c" */
+} moecal_opt_type;
+
+enum {
+    MOECAL_OPTF_NOENV = 1u << 0,   /* not read from the environment */
+    MOECAL_OPTF_NOCONF = 1u << 1   /* not read from a conf file */
+};
+
+typedef struct moecal_optdef {
+    const char *name;      /* long name: "chunk-tokens" */
+    int short_name;        /* 'o' or 0 */
+    moecal_opt_type type;
+    const char *def;       /* default as text, NULL = unset */
+    const char *choices;   /* MOECAL_OPT_CHOICE: "cpu|cuda|auto" */
+    const char *metavar;   /* "N", "DIR" */
+    const char *help;
+    unsigned flags;
+    long long min, max;    /* MOECAL_OPT_INT range when min < max */
+} moecal_optdef;
+
+typedef struct moecal_opts moecal_opts;
+
+/* Parse argv[1..] for subcommand cmd ("calibrate").  The table ends with an
+ * entry whose name is NULL.  --help, --config FILE and --print-config are
+ * always known.  Errors (unknown option, bad value, unknown conf key,
+ * missing conf file) return MOECAL_ERR_USAGE with a message naming the
+ * option, or the file, line and key. */
+moecal_status moecal_opts_parse(const char *cmd, const moecal_optdef *defs,
+                                const char *positional_usage,
+                                int argc, char **argv, moecal_opts **out);
+void moecal_opts_free(moecal_opts *o);
+
+bool moecal_opts_help(const moecal_opts *o);          /* --help given */
+bool moecal_opts_print_config(const moecal_opts *o);  /* --print-config given */
+bool moecal_opts_isset(const moecal_opts *o, const char *name);
+const char *moecal_opts_str(const moecal_opts *o, const char *name); /* NULL if unset */
+long long moecal_opts_int(const moecal_opts *o, const char *name);
+double moecal_opts_float(const moecal_opts *o, const char *name);
+bool moecal_opts_flag(const moecal_opts *o, const char *name);
+/* "command line", "environment (MOECAL_X)", "FILE:LINE", "default", "unset" */
+const char *moecal_opts_source(const moecal_opts *o, const char *name);
+int moecal_opts_npos(const moecal_opts *o);
+const char *moecal_opts_pos(const moecal_opts *o, int i);
+
+void moecal_opts_usage(const char *cmd, const moecal_optdef *defs,
+                       const char *positional_usage, const char *summary, FILE *fp);
+void moecal_opts_dump(const moecal_opts *o, FILE *fp);   /* --print-config */
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,170 @@
+/* runtime.c - MPI start/stop, fatal errors and logging; see runtime.h. */
+#include "config.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "runtime.h"
+
+static int world_rank = 0;
+static int world_size = 1;
+static char host[256] = "localhost";
+static int verbosity0 = MOECAL_LOG_INFO;    /* rank 0 */
+static int verbosity_all = MOECAL_LOG_QUIET; /* every rank */
+static bool mpi_started = false;
+
+void moecal_runtime_init(int *argc, char ***argv)
+{
+    int provided = 0;
+    const char *dbg;
+
+    /* Funneled: only the main thread calls MPI; OpenMP workers never do. */
+    if (MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS) {
+        fprintf(stderr, "moecal: error: MPI_Init_thread failed\n");
+        exit(MOECAL_EXIT_FAILURE);
+    }
+    mpi_started = true;
+    /* Errors come back as return codes so that messages say what failed. */
+    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+    MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &world_size);
+    if (gethostname(host, sizeof host) != 0)
+        snprintf(host, sizeof host, "unknown");
+    host[sizeof host - 1] = '\0';
+    dbg = getenv("MOECAL_DEBUG");
+    if (dbg && *dbg && strcmp(dbg, "0") != 0) {
+        verbosity0 = MOECAL_LOG_DEBUG;
+        verbosity_all = MOECAL_LOG_DEBUG;
+    }
+}
+
+void moecal_runtime_finalize(void)
+{
+    if (mpi_started) {
+        MPI_Finalize();
+        mpi_started = false;
+    }
+}
+
+int moecal_world_rank(void) { return world_rank; }
+int moecal_world_size(void) { return world_size; }
+const char *moecal_hostname(void) { return host; }
+
+static void print_error(moecal_status s)
+{
+    fprintf(stderr, "moecal: error: rank %d (%s): %s\n", world_rank, host,
+            moecal_error_message());
+    (void)s;
+    fflush(stderr);
+}
+
+_Noreturn void moecal_fatal(moecal_status s)
+{
+    int code = moecal_status_exit_code(s);
+
+    if (code == 0)
+        code = MOECAL_EXIT_FAILURE;
+    print_error(s);
+    if (mpi_started && world_size > 1)
+        MPI_Abort(MPI_COMM_WORLD, code);
+    moecal_runtime_finalize();
+    exit(code);
+}
+
+_Noreturn void moecal_fatal_all(moecal_status s)
+{
+    int code = moecal_status_exit_code(s);
+
+    if (code == 0)
+        code = MOECAL_EXIT_FAILURE;
+    if (world_rank == 0)
+        print_error(s);
+    moecal_runtime_finalize();
+    exit(code);
+}
+
+void moecal_check_all(moecal_status local)
+{
+    /* Pack (failed, -rank) so that MAXLOC-like reduction finds the lowest
+     * failed rank's exit code. */
+    int mine[2], first[2];
+
+    if (!mpi_started || world_size == 1) {
+        if (local != MOECAL_OK)
+            moecal_fatal(local);
+        return;
+    }
+    mine[0] = local != MOECAL_OK ? 1 : 0;
+    mine[1] = local != MOECAL_OK ? moecal_status_exit_code(local) : 0;
+    if (MPI_Allreduce(mine, first, 2, MPI_INT, MPI_MAX, MPI_COMM_WORLD) != MPI_SUCCESS) {
+        if (local == MOECAL_OK)
+            moecal_error_set(MOECAL_ERR_MPI, "MPI_Allreduce of the error state failed");
+        moecal_fatal(local != MOECAL_OK ? local : MOECAL_ERR_MPI);
+    }
+    if (first[0] == 0)
+        return;
+    if (local != MOECAL_OK)
+        print_error(local);
+    moecal_runtime_finalize();
+    exit(first[1] ? first[1] : MOECAL_EXIT_FAILURE);
+}
+
+void moecal_set_verbosity(int rank0_level, int all_level)
+{
+    if (verbosity0 < MOECAL_LOG_DEBUG)
+        verbosity0 = rank0_level;
+    if (verbosity_all < MOECAL_LOG_DEBUG)
+        verbosity_all = all_level;
+}
+
+int moecal_verbosity(void)
+{
+    return world_rank == 0 ? verbosity0 : verbosity_all;
+}
+
+void moecal_log(int level, const char *fmt, ...)
+{
+    va_list ap;
+
+    if (world_rank != 0 || level > verbosity0)
+        return;
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+}
+
+void moecal_log_all(int level, const char *fmt, ...)
+{
+    char buf[2048];
+    va_list ap;
+
+    if (level > verbosity_all)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "[rank %d %s] %s\n", world_rank, host, buf);
+}
+
+void moecal_warn(const char *fmt, ...)
+{
+    char buf[2048];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "moecal: warning: rank %d (%s): %s\n", world_rank, host, buf);
+}
+
+double moecal_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}

@@ -1,0 +1,65 @@
+/* runtime.h - process-wide services: MPI start/stop, fatal errors, logging.
+ *
+ * Two axes of verbosity: what rank 0 prints (moecal_log) and what every rank
+ * prints (moecal_log_all), set separately.  MOECAL_DEBUG=1 in the environment
+ * turns on debug traces on every rank.
+ */
+#ifndef MOECAL_RUNTIME_H
+#define MOECAL_RUNTIME_H
+
+#include <mpi.h>
+#include <stdbool.h>
+
+#include "error.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum { MOECAL_LOG_QUIET = 0, MOECAL_LOG_INFO = 1, MOECAL_LOG_VERBOSE = 2, MOECAL_LOG_DEBUG = 3 };
+
+void moecal_runtime_init(int *argc, char ***argv);
+void moecal_runtime_finalize(void);
+
+int moecal_world_rank(void);
+int moecal_world_size(void);
+const char *moecal_hostname(void);
+
+/* This rank failed: print "moecal: error: rank R (host): <message>" and bring
+ * every rank down (MPI_Abort with the status's exit code). */
+_Noreturn void moecal_fatal(moecal_status s);
+/* Every rank reached the same error (a bad option, found identically by all
+ * ranks): rank 0 prints it, every rank finalizes MPI and exits. */
+_Noreturn void moecal_fatal_all(moecal_status s);
+/* Collective over MPI_COMM_WORLD: if any rank's status is not OK, the failed
+ * ranks print their messages and every rank exits with the first failed
+ * rank's exit code, without MPI_Abort.  Returns only when all ranks are OK. */
+void moecal_check_all(moecal_status local);
+
+void moecal_set_verbosity(int rank0_level, int all_level);
+int moecal_verbosity(void);
+void moecal_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void moecal_log_all(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Warnings are printed by the rank that has them, whatever the verbosity. */
+void moecal_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+double moecal_now(void);
+
+/* Evaluate an MPI call once; on failure record its error string and return
+ * MOECAL_ERR_MPI from the calling function. */
+#define MOECAL_MPI_CHECK(call)                                              \
+    do {                                                                    \
+        int moecal_mpi_rc_ = (call);                                        \
+        if (moecal_mpi_rc_ != MPI_SUCCESS) {                                \
+            char moecal_mpi_msg_[MPI_MAX_ERROR_STRING];                     \
+            int moecal_mpi_len_ = 0;                                        \
+            MPI_Error_string(moecal_mpi_rc_, moecal_mpi_msg_, &moecal_mpi_len_); \
+            return moecal_error_set(MOECAL_ERR_MPI, "%s failed: %s", #call, \
+                                    moecal_mpi_msg_);                       \
+        }                                                                   \
+    } while (0)
+
+#ifdef __cplusplus
+}
+#endif
+#endif
