@@ -4,6 +4,13 @@
  * /layers/<L>/hidden [T, H] per MoE layer L (model layer index), same T for
  * all layers, chunked by rows; element type bf16 (16-bit HDF5 float, 8
  * exponent bits, bias 127, 7 mantissa bits), float16 or float32.
+ *
+ * Every HDF5 failure becomes a moecal error whose message names the file, the
+ * dataset, what was expected and what was found, followed by the innermost
+ * message of HDF5's error stack; HDF5's own printing of errors is switched off
+ * (H5Eset_auto2) by the open and create functions.  HDF5 ids are never leaked,
+ * on success or on error.  One moecal_act (or writer) must be used by one
+ * thread at a time (HDF5 builds for MPI are not thread-safe).
  */
 #ifndef MOECAL_ACTIVATIONS_H
 #define MOECAL_ACTIVATIONS_H
@@ -21,8 +28,13 @@ extern "C" {
 typedef struct moecal_act moecal_act;
 
 /* Open for reading.  comm == MPI_COMM_NULL: serial (sec2) access; otherwise
- * the file is opened with MPI-IO on comm (collective over comm) and reads are
- * independent.  Validates format attributes, layer groups, shapes and dtypes. */
+ * the file is opened with MPI-IO on comm (collective over comm, metadata read
+ * collectively while opening) and reads are independent, so any subset of
+ * the ranks may read; moecal_act_close is then collective over comm too.
+ * Validates format attributes, layer groups, shapes and dtypes: errors are
+ * MOECAL_ERR_IO (cannot open), MOECAL_ERR_FORMAT (not an activation file, or
+ * malformed) or MOECAL_ERR_UNSUPPORTED (a float type other than bf16, f16,
+ * f32, a compression filter this HDF5 lacks). */
 moecal_status moecal_act_open(const char *path, MPI_Comm comm, moecal_act **out);
 void moecal_act_close(moecal_act *a);
 const char *moecal_act_path(const moecal_act *a);
@@ -32,9 +44,13 @@ int moecal_act_n_layers(const moecal_act *a);
 const int *moecal_act_layers(const moecal_act *a);     /* ascending model layer indices */
 moecal_dtype moecal_act_dtype(const moecal_act *a);    /* stored element type */
 int moecal_act_has_layer(const moecal_act *a, int layer);
+/* Rows per HDF5 chunk of the first layer's dataset, 0 when not chunked. */
+int64_t moecal_act_chunk_rows(const moecal_act *a);
 
 /* Rows [row0, row0 + nrows) of /layers/<layer>/hidden, converted by HDF5 to
- * float32 (exact for bf16/f16 data). */
+ * float32 (exact for bf16/f16 data) into dst[nrows * H].  A layer the file
+ * lacks or rows outside [0, T) are MOECAL_ERR_MISMATCH naming the file,
+ * dataset and range. */
 moecal_status moecal_act_read_float(moecal_act *a, int layer, int64_t row0, int64_t nrows,
                                     float *dst);
 /* The same rows as bf16: stored bf16 is returned bit for bit, f16/f32 are
@@ -53,15 +69,27 @@ moecal_status moecal_act_scan_nonfinite(const moecal_act *a, const uint16_t *row
                                         int64_t first_token, moecal_nonfinite policy,
                                         uint8_t *skip, int64_t *n_bad);
 
-/* Writer (serial), used by `moecal synth` and tests. */
+/* Writer (serial), used by `moecal synth` and tests.  Writes PATH.tmp (an
+ * existing PATH is left alone until the close renames over it): root
+ * attributes format, format_version, tokens, hidden_size, dtype; one dataset
+ * /layers/<L>/hidden per layer (layers distinct, >= 0, in any order), chunked
+ * by ~1 MiB of rows (moecal_act_writer_chunk_rows).  dtype: MOECAL_DT_BF16,
+ * MOECAL_DT_F16 or MOECAL_DT_F32. */
 typedef struct moecal_act_writer moecal_act_writer;
 moecal_status moecal_act_create(const char *path, int64_t tokens, int hidden,
                                 const int *layers, int n_layers, moecal_dtype dtype,
                                 moecal_act_writer **out);
+/* Rows per chunk of the datasets; writes of whole chunks are the fastest. */
+int64_t moecal_act_writer_chunk_rows(const moecal_act_writer *w);
+/* An extra string attribute on the root group (provenance, e.g. "source"). */
+moecal_status moecal_act_writer_attr(moecal_act_writer *w, const char *name, const char *value);
 /* Rows given as float32, converted to the file's type (bf16: nearest even). */
 moecal_status moecal_act_write_float(moecal_act_writer *w, int layer, int64_t row0,
                                      int64_t nrows, const float *src);
-moecal_status moecal_act_writer_close(moecal_act_writer *w); /* renames tmp -> path */
+/* Flush, close, fsync and rename PATH.tmp to PATH.  Always consumes w; on
+ * failure the temporary file is removed. */
+moecal_status moecal_act_writer_close(moecal_act_writer *w);
+/* Abandon: close and remove the temporary file. */
 void moecal_act_writer_abort(moecal_act_writer *w);
 
 #ifdef __cplusplus

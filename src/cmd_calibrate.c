@@ -1,20 +1,93 @@
-/* cmd_calibrate.c - `moecal calibrate`: options, then the calibration job. */
+/* cmd_calibrate.c - `moecal calibrate`: options, placement, then the job. */
 #include "config.h"
 
+#include <libgen.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
 
+#include "calibrate.h"
 #include "calibrate_opts.h"
 #include "commands.h"
+#include "placement.h"
 #include "runtime.h"
+#include "synth.h"
 
 static const char summary[] =
     "Calibrate the input and weight amax of every routed expert of a MoE model.\n"
-    "Ranks share the experts of each layer; tokens are routed by the model's router.";
+    "Ranks share the experts of each layer; tokens are routed by the model's router.\n"
+    "Without --model, a small demo model is synthesized next to the output and used.";
+
+/* The command line, words shell-quoted where needed, for the output's records. */
+static char *join_argv(int argc, char **argv)
+{
+    size_t len = 16;
+    char *buf, *q;
+
+    for (int i = 0; i < argc; i++)
+        len += 4 * strlen(argv[i]) + 3;
+    buf = malloc(len);
+    if (!buf)
+        return NULL;
+    q = buf + sprintf(buf, "moecal");
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        int plain = *a != '\0' && strspn(a, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                            "0123456789-_=./,:+@%") == strlen(a);
+        *q++ = ' ';
+        if (plain) {
+            q += sprintf(q, "%s", a);
+            continue;
+        }
+        *q++ = '\'';
+        for (; *a; a++) {
+            if (*a == '\'')
+                q += sprintf(q, "'\\''");
+            else
+                *q++ = *a;
+        }
+        *q++ = '\'';
+        *q = '\0';
+    }
+    return buf;
+}
+
+/* Without --model: the demo model next to the output (reused when present). */
+static moecal_status demo_model(const moecal_opts *o, const char *output, char *dir, size_t len)
+{
+    struct stat st;
+    char path[4200];
+    moecal_status s = MOECAL_OK;
+
+    if (moecal_opts_str(o, "demo-dir")) {
+        snprintf(dir, len, "%s", moecal_opts_str(o, "demo-dir"));
+    } else {
+        char *copy = strdup(output);
+        if (!copy)
+            return moecal_error_set(MOECAL_ERR_NOMEM, "out of memory");
+        snprintf(dir, len, "%s/moecal-demo", dirname(copy));
+        free(copy);
+    }
+    snprintf(path, sizeof path, "%s/synth.json", dir);
+    if (moecal_world_rank() == 0 && stat(path, &st) != 0) {
+        moecal_log(MOECAL_LOG_INFO, "# no --model: writing the demo model to %s", dir);
+        s = moecal_synth_preset(dir, "demo");
+    }
+    return s;
+}
 
 int moecal_cmd_calibrate(int argc, char **argv)
 {
     moecal_opts *o = NULL;
     moecal_status s;
+    moecal_comm c;
+    moecal_placement me, *all = NULL;
+    moecal_place_opts po = {0};
+    moecal_calib_params p = {0};
+    char *cmdline, *pjson = NULL, demo_dir[4096];
+    const char *qf, *nf;
+    int len = 0;
 
     s = moecal_opts_parse("calibrate", moecal_calibrate_optdefs, NULL, argc, argv, &o);
     if (s != MOECAL_OK)
@@ -31,7 +104,85 @@ int moecal_cmd_calibrate(int argc, char **argv)
         moecal_opts_free(o);
         return 0;
     }
+    if (moecal_opts_npos(o) > 0) {
+        moecal_error_set(MOECAL_ERR_USAGE, "unexpected argument '%s' (calibrate takes options "
+                         "only; see 'moecal calibrate --help')", moecal_opts_pos(o, 0));
+        moecal_fatal_all(MOECAL_ERR_USAGE);
+    }
+    moecal_set_verbosity(moecal_opts_flag(o, "quiet") ? MOECAL_LOG_QUIET
+                                                        : (int)moecal_opts_int(o, "verbose"),
+                         (int)moecal_opts_int(o, "verbose-ranks"));
+
+    s = moecal_comm_init(MPI_COMM_WORLD, &c);
+    moecal_check_all(s);
+    po.bind = moecal_opts_flag(o, "bind");
+    s = moecal_placement_compute(&c, &po, &me);
+    moecal_check_all(s);
+    s = moecal_placement_gather(&c, &me, &all);
+    moecal_check_all(s);
+    cmdline = join_argv(argc, argv);
+    if (c.rank == 0) {
+        pjson = moecal_placement_json(all, c.size);
+        len = pjson ? (int)strlen(pjson) + 1 : 0;
+        if (moecal_verbosity() >= MOECAL_LOG_INFO) {
+            printf("# moecal %s calibrate\n# build: %s\n# command: %s\n", PACKAGE_VERSION,
+                   MOECAL_BUILD_OPTIONS, cmdline ? cmdline : "");
+            moecal_placement_print(stdout, all, c.size);
+            fflush(stdout);
+        }
+    }
+    if (MPI_Bcast(&len, 1, MPI_INT, 0, c.world) != MPI_SUCCESS)
+        moecal_fatal(moecal_error_set(MOECAL_ERR_MPI, "MPI_Bcast of the placement failed"));
+    if (c.rank != 0)
+        pjson = calloc((size_t)len + 1, 1);
+    if (len > 0 && (!pjson || MPI_Bcast(pjson, len, MPI_CHAR, 0, c.world) != MPI_SUCCESS))
+        moecal_fatal(moecal_error_set(MOECAL_ERR_MPI, "MPI_Bcast of the placement failed"));
+
+    p.output = moecal_opts_str(o, "output");
+    p.model_dir = moecal_opts_str(o, "model");
+    if (!p.model_dir) {
+        s = demo_model(o, p.output, demo_dir, sizeof demo_dir);
+        moecal_check_all(s);
+        p.model_dir = demo_dir;
+    }
+    p.activations = moecal_opts_str(o, "activations");
+    p.force = moecal_opts_flag(o, "force");
+    p.all_experts = moecal_opts_flag(o, "calib-all-experts");
+    p.chunk_tokens = moecal_opts_int(o, "chunk-tokens");
+    p.max_tokens = moecal_opts_int(o, "max-tokens");
+    p.layers = moecal_opts_str(o, "layers");
+    qf = moecal_opts_str(o, "quant-format");
+    p.qfmt = strcmp(qf, "fp8") == 0 ? MOECAL_QFMT_FP8 : MOECAL_QFMT_NVFP4;
+    p.backend = moecal_opts_str(o, "backend");
+    nf = moecal_opts_str(o, "nonfinite");
+    p.nonfinite = strcmp(nf, "skip") == 0 ? MOECAL_NONFINITE_SKIP : MOECAL_NONFINITE_ERROR;
+    p.threads = (int)moecal_opts_int(o, "threads");
+    p.gpu_mem_limit = (uint64_t)moecal_opts_int(o, "gpu-mem-limit");
+    p.gpu = me.gpu;
+    p.command_line = cmdline ? cmdline : "moecal calibrate";
+    p.placement_json = pjson;
+    p.checkpoint_every = moecal_opts_int(o, "checkpoint-every");
+    p.resume = moecal_opts_flag(o, "resume");
+
+    moecal_signals_install();
+    s = moecal_calibrate_run(&c, &p);
+    if (s == MOECAL_ERR_INTERRUPTED) {
+        /* Every rank stopped at the same chunk boundary after the checkpoint. */
+        free(all);
+        free(pjson);
+        free(cmdline);
+        moecal_comm_free(&c);
+        moecal_opts_free(o);
+        moecal_runtime_finalize();
+        exit(MOECAL_EXIT_REQUEUE);
+    }
+    moecal_check_all(s);
+
+    free(all);
+    free(pjson);
+    free(cmdline);
+    moecal_placement_cleanup();
+    moecal_comm_free(&c);
     moecal_opts_free(o);
-    moecal_error_set(MOECAL_ERR_UNSUPPORTED, "calibration engine not built yet");
-    moecal_fatal_all(MOECAL_ERR_UNSUPPORTED);
+    return 0;
 }

@@ -11,6 +11,7 @@
 
 static _Thread_local char err_msg[MSG_MAX];
 static _Thread_local moecal_status err_code = MOECAL_OK;
+static int peer_exit_code = 1;
 
 moecal_status moecal_error_vset(moecal_status code, const char *fmt, va_list ap)
 {
@@ -63,6 +64,12 @@ void moecal_error_prefix(const char *fmt, ...)
     err_msg[hl + ml] = '\0';
 }
 
+moecal_status moecal_error_peer(int rank, int exit_code)
+{
+    peer_exit_code = exit_code > 0 ? exit_code : MOECAL_EXIT_FAILURE;
+    return moecal_error_set(MOECAL_ERR_PEER, "stopped because rank %d failed", rank);
+}
+
 const char *moecal_error_message(void)
 {
     return err_msg[0] ? err_msg : "unknown error";
@@ -95,6 +102,7 @@ const char *moecal_status_name(moecal_status s)
     case MOECAL_ERR_HDF5: return "HDF5 error";
     case MOECAL_ERR_CUDA: return "CUDA error";
     case MOECAL_ERR_INTERRUPTED: return "interrupted";
+    case MOECAL_ERR_PEER: return "stopped by another rank's error";
     case MOECAL_ERR_INTERNAL: return "internal error";
     }
     return "error";
@@ -113,6 +121,7 @@ int moecal_status_exit_code(moecal_status s)
     case MOECAL_ERR_EXISTS: return MOECAL_EXIT_OUTPUT;
     case MOECAL_ERR_NOMEM: return MOECAL_EXIT_RESOURCE;
     case MOECAL_ERR_INTERRUPTED: return MOECAL_EXIT_REQUEUE;
+    case MOECAL_ERR_PEER: return peer_exit_code;
     default: return MOECAL_EXIT_FAILURE;
     }
 }

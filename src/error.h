@@ -31,6 +31,7 @@ typedef enum moecal_status {
     MOECAL_ERR_HDF5,
     MOECAL_ERR_CUDA,
     MOECAL_ERR_INTERRUPTED, /* stopped by a signal after writing a checkpoint */
+    MOECAL_ERR_PEER,        /* another rank failed and reports it; stop quietly */
     MOECAL_ERR_INTERNAL
 } moecal_status;
 
@@ -41,6 +42,10 @@ moecal_status moecal_error_vset(moecal_status code, const char *fmt, va_list ap)
 /* errno-flavoured: appends ": strerror(errnum)". */
 moecal_status moecal_error_errno(int errnum, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
+/* This rank stops because rank `rank` failed with exit code exit_code (which
+ * that rank reports); moecal_status_exit_code(MOECAL_ERR_PEER) returns it. */
+moecal_status moecal_error_peer(int rank, int exit_code);
+
 /* Prepend context ("model.safetensors: ") to the recorded message. */
 void moecal_error_prefix(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

@@ -26,12 +26,18 @@ float moecal_round_bf16(float x);
 float moecal_f16_to_float(uint16_t h);
 uint16_t moecal_float_to_f16(float x);
 
+/* Check block scales [nbr x nbc]: NaN, Inf, zero, negative, or so large that
+ * 448 * scale overflows bf16 are refused (MOECAL_ERR_FORMAT, the message names
+ * the block as "block [row, col]"). */
+moecal_status moecal_fp8_check_scales(const float *scale_inv, size_t nbr, size_t nbc);
+
 /* Dequantize an FP8 weight q[rows x cols] (row-major) with scale_inv of shape
  * [ceil(rows/block) x ceil(cols/block)]: W = q * scale_inv[r/block][c/block],
- * rounded to bf16 into out[rows x cols].  Scales that are NaN, Inf, zero or
- * negative are refused (MOECAL_ERR_FORMAT, message names the block).  NaN
- * codes are counted in *n_nan (may be NULL) and dequantize to NaN.  If amax is
- * not NULL it receives max |W| over finite elements (a bf16 value). */
+ * the product taken in float32 and rounded to bf16 (RNE) into out[rows x cols].
+ * Scales are checked as by moecal_fp8_check_scales first.  NaN codes are
+ * counted in *n_nan (may be NULL) and dequantize to NaN; every other code
+ * gives a finite value.  If amax is not NULL it receives max |W| over finite
+ * elements (a bf16 value).  Multi-threaded with OpenMP for large weights. */
 moecal_status moecal_fp8_dequant_bf16(const uint8_t *q, size_t rows, size_t cols,
                                       const float *scale_inv, size_t block,
                                       uint16_t *out, uint64_t *n_nan, float *amax);

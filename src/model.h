@@ -1,9 +1,13 @@
 /* model.h - a Hugging Face MoE checkpoint directory.
  *
  * config.json plus either model.safetensors.index.json and its shards or one
- * model.safetensors.  Shard names are plain basenames inside the directory.
- * Shards are opened lazily and only the tensors asked for are read, so a rank
- * touches only its own experts of the current layer.
+ * model.safetensors (which wins when both exist, as in transformers).  Shard
+ * names are plain basenames inside the directory.  Opening checks that every
+ * shard exists and that every expert and router tensor the config implies is
+ * listed.  Shards are opened lazily and only the tensors asked for are read,
+ * so a rank touches only its own experts of the current layer.  Loads may run
+ * concurrently from several threads on one model.  `layer` arguments are
+ * model layer indices and must be MoE layers.
  */
 #ifndef MOECAL_MODEL_H
 #define MOECAL_MODEL_H
@@ -42,13 +46,15 @@ moecal_status moecal_model_find(moecal_model *m, const char *name,
                                 const moecal_st_file **file, const moecal_st_tensor **t);
 
 /* Load one expert projection as bf16, dequantizing FP8 with its
- * weight_scale_inv.  w1/w3 have shape [I, H], w2 [H, I]; shapes and dtypes
- * are checked against the config.  dst holds rows*cols bf16 values.
- * *amax (may be NULL) receives max |W| (a bf16 value). */
+ * weight_scale_inv (F16/F32 are rounded to bf16, RNE).  w1/w3 have shape
+ * [I, H], w2 [H, I]; shapes and dtypes are checked against the config.  dst
+ * holds rows*cols bf16 values.  *amax (may be NULL) receives max |W| (a bf16
+ * value).  A weight holding NaN or Inf is refused (MOECAL_ERR_NONFINITE). */
 moecal_status moecal_model_load_expert(moecal_model *m, int layer, int expert, int proj,
                                        uint16_t *dst, float *amax);
-/* Router weight [E, H] as float32, and e_score_correction_bias [E] (bias may
- * be NULL; it must be non-NULL exactly when cfg->has_correction_bias). */
+/* Router weight [E, H] as float32 (from F8_E4M3, BF16, F16 or F32), and
+ * e_score_correction_bias [E] (F32, BF16 or F16; bias may be NULL; it must be
+ * non-NULL exactly when cfg->has_correction_bias).  NaN/Inf are refused. */
 moecal_status moecal_model_load_gate(moecal_model *m, int layer, float *weight, float *bias);
 
 #ifdef __cplusplus

@@ -3,6 +3,11 @@
  * Families: DeepSeek-V3 (model_type "deepseek_v3", also "deepseek_v2"/"kimi_k2"
  * style configs with the same keys), Qwen3-MoE ("qwen3_moe", "qwen2_moe") and
  * Mixtral ("mixtral").  No MPI in here (fuzzed alone).
+ *
+ * DeepSeek gates: topk_method "noaux_tc" (scoring sigmoid, correction bias,
+ * groups scored by their top-2), "group_limited_greedy" (softmax, groups
+ * scored by their max) or "greedy" (softmax, n_group = topk_group = 1).
+ * A JSON null counts as an absent key; unknown keys are ignored.
  */
 #ifndef MOECAL_MODELCFG_H
 #define MOECAL_MODELCFG_H

@@ -1,6 +1,7 @@
 /* runtime.c - MPI start/stop, fatal errors and logging; see runtime.h. */
 #include "config.h"
 
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -68,7 +69,8 @@ _Noreturn void moecal_fatal(moecal_status s)
 
     if (code == 0)
         code = MOECAL_EXIT_FAILURE;
-    print_error(s);
+    if (s != MOECAL_ERR_PEER)
+        print_error(s);
     if (mpi_started && world_size > 1)
         MPI_Abort(MPI_COMM_WORLD, code);
     moecal_runtime_finalize();
@@ -89,8 +91,7 @@ _Noreturn void moecal_fatal_all(moecal_status s)
 
 void moecal_check_all(moecal_status local)
 {
-    /* Pack (failed, -rank) so that MAXLOC-like reduction finds the lowest
-     * failed rank's exit code. */
+    /* (any rank failed, largest exit code among the failed ranks) */
     int mine[2], first[2];
 
     if (!mpi_started || world_size == 1) {
@@ -107,7 +108,7 @@ void moecal_check_all(moecal_status local)
     }
     if (first[0] == 0)
         return;
-    if (local != MOECAL_OK)
+    if (local != MOECAL_OK && local != MOECAL_ERR_PEER)
         print_error(local);
     moecal_runtime_finalize();
     exit(first[1] ? first[1] : MOECAL_EXIT_FAILURE);
@@ -167,4 +168,28 @@ double moecal_now(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static volatile sig_atomic_t pending_signal = 0;
+
+static void on_signal(int sig)
+{
+    pending_signal = sig;
+}
+
+void moecal_signals_install(void)
+{
+    struct sigaction sa;
+
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGUSR1, &sa, NULL);
+}
+
+int moecal_signal_pending(void)
+{
+    return pending_signal;
 }

@@ -45,6 +45,11 @@ void moecal_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 double moecal_now(void);
 
+/* SIGTERM and SIGUSR1 set a flag (the job checkpoints and exits with
+ * MOECAL_EXIT_REQUEUE at the next chunk boundary); returns the signal or 0. */
+void moecal_signals_install(void);
+int moecal_signal_pending(void);
+
 /* Evaluate an MPI call once; on failure record its error string and return
  * MOECAL_ERR_MPI from the calling function. */
 #define MOECAL_MPI_CHECK(call)                                              \

@@ -58,6 +58,14 @@ const char *moecal_st_metadata(const moecal_st_file *f, const char *key);
 /* Offset of the data section in the file (8 + N). */
 uint64_t moecal_st_data_offset(const moecal_st_file *f);
 
+/* __metadata__ keys, sorted. */
+size_t moecal_st_metadata_count(const moecal_st_file *f);
+const char *moecal_st_metadata_key(const moecal_st_file *f, size_t i);
+
+/* moecal_st_tensor_at() returns tensors in data order (by offset); dtypes the
+ * format defines that moecal has no enum for come back as MOECAL_DT_UNKNOWN
+ * with their spelling in dtype_name (callers refuse them where needed). */
+
 /* Read the whole tensor (its raw little-endian bytes) into dst of dst_size
  * bytes (must be >= end - begin). */
 moecal_status moecal_st_read(const moecal_st_file *f, const moecal_st_tensor *t,
@@ -76,6 +84,10 @@ moecal_status moecal_st_writer_add(moecal_st_writer *w, const char *name, moecal
 moecal_status moecal_st_writer_write_header(moecal_st_writer *w);
 moecal_status moecal_st_writer_write(moecal_st_writer *w, const char *name,
                                      const void *data, size_t nbytes);
+/* Write nbytes at byte offset off of a tensor's data (tensors of many GB
+ * are written in pieces). */
+moecal_status moecal_st_writer_write_at(moecal_st_writer *w, const char *name, uint64_t off,
+                                        const void *data, size_t nbytes);
 moecal_status moecal_st_writer_finish(moecal_st_writer *w);
 /* Abandon: close and remove the temporary file. */
 void moecal_st_writer_abort(moecal_st_writer *w);

@@ -82,3 +82,15 @@ expect_msg() {
 need_python_h5py() {
     "$PYTHON3" -c 'import h5py, numpy' 2>/dev/null || skip "$PYTHON3 lacks h5py/numpy"
 }
+
+# A demo-preset model and its activations in $1 (synthesized once per test).
+make_demo() {
+    local dir=$1; shift
+    run "$MOECAL" synth --preset demo -o "$dir" "$@" >/dev/null
+}
+
+# check_amax SUBCOMMAND ARGS...: assertions of tests/check_amax.py.
+check_amax() {
+    need_python_h5py
+    run "$PYTHON3" "$srcdir/tests/check_amax.py" "$@"
+}

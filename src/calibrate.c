@@ -1,0 +1,807 @@
+/* calibrate.c - the calibration job: shard experts over ranks, stream layers
+ * and token chunks, peer-max fixup, parallel-HDF5 output.  DESIGN.md §2, §5. */
+#include "config.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "backend.h"
+#include "calibrate.h"
+#include "model.h"
+#include "runtime.h"
+#include "tokens.h"
+
+moecal_status moecal_calib_parse_layers(const char *spec, const int *moe_layers, int n_moe,
+                                        int **out, int *n_out)
+{
+    int *sel = calloc((size_t)(n_moe ? n_moe : 1), sizeof *sel);
+    int n = 0;
+    const char *p = spec;
+
+    *out = NULL;
+    *n_out = 0;
+    if (!sel)
+        return moecal_error_set(MOECAL_ERR_NOMEM, "out of memory");
+    if (!spec || strcmp(spec, "all") == 0) {
+        memcpy(sel, moe_layers, (size_t)n_moe * sizeof *sel);
+        *out = sel;
+        *n_out = n_moe;
+        return MOECAL_OK;
+    }
+    {
+        unsigned char *want = calloc((size_t)(n_moe ? n_moe : 1), 1);
+        if (!want) {
+            free(sel);
+            return moecal_error_set(MOECAL_ERR_NOMEM, "out of memory");
+        }
+        while (*p) {
+            char *end;
+            long a, b;
+            errno = 0;
+            a = strtol(p, &end, 10);
+            if (end == p || errno || a < 0)
+                goto bad;
+            b = a;
+            if (*end == '-') {
+                p = end + 1;
+                b = strtol(p, &end, 10);
+                if (end == p || errno || b < a)
+                    goto bad;
+            }
+            for (long l = a; l <= b; l++) {
+                int found = -1;
+                for (int i = 0; i < n_moe; i++)
+                    if (moe_layers[i] == l)
+                        found = i;
+                if (found < 0) {
+                    /* Name the layer: a dense layer or one past the end. */
+                    free(want);
+                    free(sel);
+                    return moecal_error_set(MOECAL_ERR_USAGE,
+                                            "option 'layers': layer %ld is not a MoE layer of "
+                                            "this model (MoE layers: %d-%d)", l,
+                                            n_moe ? moe_layers[0] : -1,
+                                            n_moe ? moe_layers[n_moe - 1] : -1);
+                }
+                want[found] = 1;
+            }
+            if (*end == ',')
+                end++;
+            else if (*end != '\0')
+                goto bad;
+            p = end;
+        }
+        for (int i = 0; i < n_moe; i++)
+            if (want[i])
+                sel[n++] = moe_layers[i];
+        free(want);
+        if (n == 0)
+            goto bad;
+        *out = sel;
+        *n_out = n;
+        return MOECAL_OK;
+    bad:
+        free(want);
+        free(sel);
+        return moecal_error_set(MOECAL_ERR_USAGE, "option 'layers': '%s' is not a layer list "
+                                "(expected 'all' or e.g. '3-10,12')", spec);
+    }
+}
+
+/* ---------------------------------------------------------------- progress */
+
+typedef struct progress {
+    int tty;
+    double t0, tlayer;
+    int64_t tokens_done, tokens_total;
+} progress;
+
+static void fmt_hms(double s, char *buf, size_t len)
+{
+    long t = s > 0 && s < 1e9 ? (long)(s + 0.5) : 0;
+    snprintf(buf, len, "%02ld:%02ld:%02ld", t / 3600, (t / 60) % 60, t % 60);
+}
+
+static void progress_chunk(progress *pg, int li, int L, int ci, int C, int64_t ntok)
+{
+    double now = moecal_now(), el = now - pg->t0, rate;
+    char eta[32];
+
+    pg->tokens_done += ntok;
+    rate = el > 0 ? (double)pg->tokens_done / el : 0;
+    fmt_hms(rate > 0 ? (double)(pg->tokens_total - pg->tokens_done) / rate : 0, eta, sizeof eta);
+    if (moecal_world_rank() != 0 || moecal_verbosity() < MOECAL_LOG_INFO)
+        return;
+    if (pg->tty) {
+        int width = 30, fill = (int)(width * (double)pg->tokens_done / (double)pg->tokens_total);
+        fprintf(stderr, "\r[%.*s%*s] layer %d/%d chunk %d/%d %10.0f tokens/s ETA %s ",
+                fill, "##############################", width - fill, "", li + 1, L, ci + 1, C,
+                rate, eta);
+        if (li + 1 == L && ci + 1 == C)
+            fputc('\n', stderr);
+        fflush(stderr);
+    } else if (ci + 1 == C) {
+        fprintf(stderr, "moecal: layer %d/%d done: %d chunks, %.0f tokens/s, %.1fs, ETA %s\n",
+                li + 1, L, C, rate, now - pg->tlayer, eta);
+        pg->tlayer = now;
+    }
+}
+
+/* ---------------------------------------------------------------- the job */
+
+typedef struct job {
+    const moecal_comm *c;
+    const moecal_calib_params *p;
+    moecal_model *model;
+    const moecal_model_config *cfg;
+    int *layers, L;
+    int E, H, I, e0, e1, n;
+    int64_t T, C, chunk;
+    /* this rank's slab */
+    float *amax_cal, *weight_amax, *amax_final, *hist;
+    int64_t *tok;
+    /* per layer */
+    float *gate, *bias;
+    uint16_t *w13, *w2tmp;
+} job;
+
+static void job_free(job *j)
+{
+    free(j->layers);
+    free(j->amax_cal);
+    free(j->weight_amax);
+    free(j->amax_final);
+    free(j->hist);
+    free(j->tok);
+    free(j->gate);
+    free(j->bias);
+    free(j->w13);
+    free(j->w2tmp);
+    if (j->model)
+        moecal_model_close(j->model);
+}
+
+/* Load this rank's experts of one layer; weight amax of all three projections. */
+static moecal_status load_layer(job *j, int li, moecal_layer_weights *lw)
+{
+    size_t per = (size_t)j->I * (size_t)j->H;
+    int layer = j->layers[li];
+
+    MOECAL_TRY(moecal_model_load_gate(j->model, layer, j->gate,
+                                      j->cfg->has_correction_bias ? j->bias : NULL));
+    for (int k = 0; k < j->n; k++) {
+        int e = j->e0 + k;
+        float *wa = &j->weight_amax[((size_t)li * (size_t)j->n + (size_t)k) * 3];
+        uint16_t *w1 = j->w13 + (size_t)k * per;
+        uint16_t *w3 = j->w13 + ((size_t)j->n + (size_t)k) * per;
+        MOECAL_TRY(moecal_model_load_expert(j->model, layer, e, MOECAL_W1, w1, &wa[0]));
+        MOECAL_TRY(moecal_model_load_expert(j->model, layer, e, MOECAL_W2, j->w2tmp, &wa[1]));
+        MOECAL_TRY(moecal_model_load_expert(j->model, layer, e, MOECAL_W3, w3, &wa[2]));
+    }
+    lw->layer = layer;
+    lw->gate = j->gate;
+    lw->bias = j->cfg->has_correction_bias ? j->bias : NULL;
+    lw->w1 = j->w13;
+    lw->w3 = j->w13 + (size_t)j->n * per;
+    return MOECAL_OK;
+}
+
+static moecal_status check_inputs(job *j, const char *act_path)
+{
+    moecal_act *a = NULL;
+    moecal_status s = moecal_act_open(act_path, MPI_COMM_NULL, &a);
+    const moecal_model_config *cfg = j->cfg;
+
+    if (s != MOECAL_OK)
+        return s;
+    if (moecal_act_hidden(a) != cfg->hidden_size) {
+        s = moecal_error_set(MOECAL_ERR_MISMATCH,
+                             "%s has hidden size %d but the model %s/config.json has "
+                             "hidden_size %d", act_path, moecal_act_hidden(a),
+                             moecal_model_dir(j->model), cfg->hidden_size);
+        goto out;
+    }
+    for (int i = 0; i < j->L; i++)
+        if (!moecal_act_has_layer(a, j->layers[i])) {
+            s = moecal_error_set(MOECAL_ERR_MISMATCH,
+                                 "%s has no /layers/%d/hidden but MoE layer %d of the model "
+                                 "%s is to be calibrated (use --layers to choose layers)",
+                                 act_path, j->layers[i], j->layers[i], moecal_model_dir(j->model));
+            goto out;
+        }
+    j->T = moecal_act_tokens(a);
+    if (j->p->max_tokens > 0 && j->p->max_tokens < j->T)
+        j->T = j->p->max_tokens;
+    if (j->T <= 0)
+        s = moecal_error_set(MOECAL_ERR_FORMAT, "%s holds no tokens", act_path);
+out:
+    moecal_act_close(a);
+    return s;
+}
+
+static void *xcalloc(size_t n, size_t size, moecal_status *s)
+{
+    void *p;
+    if (*s != MOECAL_OK)
+        return NULL;
+    p = calloc(n ? n : 1, size);
+    if (!p)
+        *s = moecal_error_set(MOECAL_ERR_NOMEM, "out of memory: %zu x %zu bytes", n, size);
+    return p;
+}
+
+static moecal_status file_exists(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0 ? MOECAL_ERR_EXISTS : MOECAL_OK;
+}
+
+static void side_path(const char *out, const char *suffix, char *buf, size_t len)
+{
+    size_t n = strlen(out);
+    if (n > 3 && strcmp(out + n - 3, ".h5") == 0)
+        n -= 3;
+    snprintf(buf, len, "%.*s%s", (int)n, out, suffix);
+}
+
+/* FNV-1a 64 over the inputs and the options that change results: a
+ * checkpoint is only resumed by a run that would compute the same thing. */
+static uint64_t fnv(uint64_t h, const void *data, size_t n)
+{
+    const unsigned char *b = data;
+    for (size_t i = 0; i < n; i++) {
+        h ^= b[i];
+        h *= 1099511628211ULL;
+    }
+    return h;
+}
+
+static uint64_t fnv_file(uint64_t h, const char *path)
+{
+    unsigned char buf[65536];
+    size_t n;
+    FILE *fp = fopen(path, "rb");
+    if (!fp)
+        return fnv(h, path, strlen(path));
+    while ((n = fread(buf, 1, sizeof buf, fp)) > 0)
+        h = fnv(h, buf, n);
+    fclose(fp);
+    return h;
+}
+
+static uint64_t input_hash(const job *j, const char *act_path)
+{
+    const moecal_calib_params *p = j->p;
+    char path[4200], opts[512];
+    struct stat st;
+    uint64_t h = 1469598103934665603ULL;
+
+    snprintf(path, sizeof path, "%s/config.json", moecal_model_dir(j->model));
+    h = fnv_file(h, path);
+    snprintf(path, sizeof path, "%s/model.safetensors.index.json", moecal_model_dir(j->model));
+    h = fnv_file(h, path);
+    if (stat(act_path, &st) == 0)
+        h = fnv(h, &st.st_size, sizeof st.st_size);
+    snprintf(opts, sizeof opts, "T=%lld chunk=%lld all=%d q=%d nf=%d", (long long)j->T,
+             (long long)j->chunk, (int)p->all_experts, (int)p->qfmt, (int)p->nonfinite);
+    h = fnv(h, opts, strlen(opts));
+    h = fnv(h, j->layers, (size_t)j->L * sizeof *j->layers);
+    return h;
+}
+
+/* One job per output: a POSIX lock on OUT.lock, held by rank 0 until exit
+ * (the kernel drops it when the process dies, so no stale locks). */
+static moecal_status lock_output(const char *out, int *fd_out)
+{
+    char path[4200];
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET};
+    int fd;
+
+    snprintf(path, sizeof path, "%s.lock", out);
+    fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0)
+        return moecal_error_errno(errno, "%s: cannot create the output lock", path);
+    if (fcntl(fd, F_SETLK, &fl) != 0) {
+        close(fd);
+        return moecal_error_set(MOECAL_ERR_EXISTS, "%s is being written by another moecal job "
+                                "(%s is locked)", out, path);
+    }
+    *fd_out = fd;
+    return MOECAL_OK;
+}
+
+static void unlock_output(const char *out, int fd)
+{
+    char path[4200];
+    if (fd < 0)
+        return;
+    snprintf(path, sizeof path, "%s.lock", out);
+    unlink(path);
+    close(fd);
+}
+
+static moecal_status write_checkpoint(const job *j, moecal_amax_meta *m, int64_t next_step)
+{
+    moecal_amax_slab sl = {j->e0, j->e1, j->amax_cal, j->amax_cal, j->weight_amax, j->hist,
+                           j->tok};
+    char cur[4200], prev[4200], tmp[4300];
+    moecal_status s;
+
+    side_path(j->p->output, ".ckpt.h5", cur, sizeof cur);
+    side_path(j->p->output, ".ckpt.prev.h5", prev, sizeof prev);
+    snprintf(tmp, sizeof tmp, "%s.tmp", cur);
+    m->checkpoint = 1;
+    m->next_step = next_step;
+    s = moecal_amax_write_h5(j->c->world, tmp, m, &sl);
+    m->checkpoint = 0;
+    /* Every rank must know whether all wrote their part before the rename. */
+    {
+        int ok = s == MOECAL_OK, all_ok = 0;
+        MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, j->c->world);
+        if (j->c->rank == 0) {
+            if (!all_ok) {
+                unlink(tmp);
+            } else {
+                int fd = open(tmp, O_RDONLY);
+                if (fd >= 0) {
+                    fsync(fd);
+                    close(fd);
+                }
+                /* keep the previous checkpoint until the new one is in place */
+                if (access(cur, F_OK) == 0 && rename(cur, prev) != 0)
+                    s = moecal_error_errno(errno, "%s: cannot keep the previous checkpoint", cur);
+                else if (rename(tmp, cur) != 0)
+                    s = moecal_error_errno(errno, "%s: rename from %s failed", cur, tmp);
+            }
+        }
+        if (s == MOECAL_OK && !all_ok)
+            s = moecal_error_set(MOECAL_ERR_PEER, "checkpoint failed on another rank");
+    }
+    return s;
+}
+
+static void remove_checkpoints(const char *out)
+{
+    char path[4200];
+    side_path(out, ".ckpt.h5", path, sizeof path);
+    unlink(path);
+    side_path(out, ".ckpt.prev.h5", path, sizeof path);
+    unlink(path);
+    /* left by a job killed while writing a checkpoint */
+    side_path(out, ".ckpt.h5.tmp", path, sizeof path);
+    unlink(path);
+}
+
+moecal_status moecal_calibrate_run(const moecal_comm *c, const moecal_calib_params *p)
+{
+    job j = {0};
+    moecal_status s = MOECAL_OK;
+    const moecal_backend_ops *ops;
+    moecal_backend *be = NULL;
+    moecal_backend_config bc = {0};
+    moecal_tokens *tk = NULL;
+    moecal_chunk ch;
+    moecal_chunk_stats cs = {0};
+    char act_path[4096], tmp_path[4200], created[64];
+    progress pg = {0};
+    double t_start, t_compute = 0, t_load = 0;
+    int64_t nskipped = 0, first_step = 0, nsteps;
+    int lock_fd = -1;
+    moecal_amax_meta m = {0};
+    int64_t *cstart = NULL, *ccount = NULL;
+    uint64_t hash = 0;
+    const char *ev_stop = getenv("MOECAL_TEST_STOP_AT_STEP");
+    const char *ev_delay = getenv("MOECAL_TEST_CHUNK_DELAY_MS");
+    long test_stop_at = ev_stop && *ev_stop ? strtol(ev_stop, NULL, 10) : -1;
+    long test_delay_ms = ev_delay && *ev_delay ? strtol(ev_delay, NULL, 10) : 0;
+
+    j.c = c;
+    j.p = p;
+    t_start = moecal_now();
+    if (p->activations)
+        snprintf(act_path, sizeof act_path, "%s", p->activations);
+    else
+        snprintf(act_path, sizeof act_path, "%s/activations.h5", p->model_dir);
+
+    /* One job per output; an existing output is kept unless --force (a
+     * requeued --resume run whose output is complete has nothing to do). */
+    {
+        int state = 0; /* 1 exists, 2 complete-and-resume */
+        if (c->rank == 0) {
+            s = lock_output(p->output, &lock_fd);
+            if (s == MOECAL_OK && file_exists(p->output) != MOECAL_OK && !p->force) {
+                char ck[4200];
+                side_path(p->output, ".ckpt.h5", ck, sizeof ck);
+                state = p->resume && access(ck, F_OK) != 0 ? 2 : 1;
+            }
+        }
+        moecal_check_all(s);
+        MOECAL_MPI_CHECK(MPI_Bcast(&state, 1, MPI_INT, 0, c->world));
+        if (state == 2) {
+            moecal_log(MOECAL_LOG_INFO, "# %s is complete: nothing to resume", p->output);
+            unlock_output(p->output, lock_fd);
+            return MOECAL_OK;
+        }
+        if (state == 1) {
+            moecal_error_set(MOECAL_ERR_EXISTS, "%s exists; use --force to overwrite it",
+                             p->output);
+            moecal_fatal_all(MOECAL_ERR_EXISTS);
+        }
+    }
+
+    /* Inputs: every rank reads the config and index; rank 0 checks the
+     * activation file against them before any compute. */
+    s = moecal_model_open(p->model_dir, &j.model);
+    moecal_check_all(s);
+    j.cfg = moecal_model_cfg(j.model);
+    s = moecal_calib_parse_layers(p->layers, j.cfg->moe_layers, j.cfg->n_moe_layers, &j.layers,
+                                  &j.L);
+    if (s != MOECAL_OK)
+        moecal_fatal_all(s);
+    if (c->rank == 0)
+        s = check_inputs(&j, act_path);
+    moecal_check_all(s);
+    MOECAL_MPI_CHECK(MPI_Bcast(&j.T, 1, MPI_INT64_T, 0, c->world));
+
+    j.E = j.cfg->n_routed_experts;
+    j.H = j.cfg->hidden_size;
+    j.I = j.cfg->moe_intermediate_size;
+    /* Contiguous balanced blocks; a rank may own none when ranks > experts. */
+    j.e0 = (int)((int64_t)j.E * c->rank / c->size);
+    j.e1 = (int)((int64_t)j.E * (c->rank + 1) / c->size);
+    j.n = j.e1 - j.e0;
+    j.chunk = p->chunk_tokens < j.T ? p->chunk_tokens : j.T;
+    j.C = (j.T + j.chunk - 1) / j.chunk;
+
+    {
+        size_t L = (size_t)j.L, n = (size_t)j.n, C = (size_t)j.C;
+        size_t per = (size_t)j.I * (size_t)j.H;
+        j.amax_cal = xcalloc(L * n * 3, sizeof(float), &s);
+        j.weight_amax = xcalloc(L * n * 3, sizeof(float), &s);
+        j.amax_final = xcalloc(L * n * 3, sizeof(float), &s);
+        j.hist = xcalloc(L * C * n * 3, sizeof(float), &s);
+        j.tok = xcalloc(L * C * n, sizeof(int64_t), &s);
+        j.gate = xcalloc((size_t)j.E * (size_t)j.H, sizeof(float), &s);
+        j.bias = xcalloc((size_t)j.E, sizeof(float), &s);
+        j.w13 = xcalloc(2 * n * per, sizeof(uint16_t), &s);
+        j.w2tmp = xcalloc(per, sizeof(uint16_t), &s);
+        cs.tokens = xcalloc(n, sizeof(int64_t), &s);
+        cs.amax_x = xcalloc(n, sizeof(float), &s);
+        cs.amax_h = xcalloc(n, sizeof(float), &s);
+    }
+    cstart = xcalloc((size_t)j.C, sizeof *cstart, &s);
+    ccount = xcalloc((size_t)j.C, sizeof *ccount, &s);
+    moecal_check_all(s);
+    for (int ci = 0; ci < j.C; ci++) {
+        cstart[ci] = (int64_t)ci * j.chunk;
+        ccount[ci] = (ci + 1) * j.chunk > j.T ? j.T - cstart[ci] : j.chunk;
+    }
+    if (c->rank == 0)
+        hash = input_hash(&j, act_path);
+    MOECAL_MPI_CHECK(MPI_Bcast(&hash, 1, MPI_UINT64_T, 0, c->world));
+    {
+        time_t now = time(NULL);
+        struct tm tmv;
+        gmtime_r(&now, &tmv);
+        strftime(created, sizeof created, "%Y-%m-%dT%H:%M:%SZ", &tmv);
+        MOECAL_MPI_CHECK(MPI_Bcast(created, sizeof created, MPI_CHAR, 0, c->world));
+    }
+    m.created = created;
+    m.command_line = p->command_line;
+    m.all_experts = p->all_experts;
+    m.qfmt = p->qfmt;
+    m.model_path = p->model_dir;
+    m.activations_path = act_path;
+    m.placement_json = p->placement_json ? p->placement_json : "[]";
+    m.n_ranks = c->size;
+    m.n_nodes = c->n_nodes;
+    m.tokens = j.T;
+    m.chunk_tokens = j.chunk;
+    m.cfg = j.cfg;
+    m.L = j.L;
+    m.E = j.E;
+    m.C = (int)j.C;
+    m.layers = j.layers;
+    m.chunk_start = cstart;
+    m.chunk_count = ccount;
+    m.input_hash = hash;
+    nsteps = (int64_t)j.L * j.C;
+
+    /* Resume: the newest checkpoint that validates; one from other inputs
+     * or options is refused. */
+    if (p->resume) {
+        char paths[2][4200];
+        int found = 0;
+        side_path(p->output, ".ckpt.h5", paths[0], sizeof paths[0]);
+        side_path(p->output, ".ckpt.prev.h5", paths[1], sizeof paths[1]);
+        for (int k = 0; k < 2 && !found; k++) {
+            int here = access(paths[k], F_OK) == 0, ok;
+            if (!here)
+                continue;
+            s = moecal_amax_read_checkpoint(paths[k], hash, &m, j.e0, j.e1, j.amax_cal,
+                                            j.weight_amax, j.hist, j.tok, &first_step);
+            if (s == MOECAL_ERR_MISMATCH) {
+                if (c->rank != 0) /* rank 0 reports it */
+                    s = moecal_error_peer(0, moecal_status_exit_code(s));
+                break;
+            }
+            ok = s == MOECAL_OK;
+            MOECAL_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_MIN, c->world));
+            if (ok) {
+                found = 1;
+                moecal_log(MOECAL_LOG_INFO, "# resuming from %s at layer %lld/%d chunk %lld/%lld",
+                           paths[k], (long long)(first_step / j.C) + 1, j.L,
+                           (long long)(first_step % j.C) + 1, (long long)j.C);
+            } else {
+                moecal_warn("%s", moecal_error_message());
+                s = MOECAL_OK;
+                first_step = 0;
+            }
+        }
+        moecal_check_all(s);
+        if (!found) {
+            memset(j.amax_cal, 0, (size_t)j.L * (size_t)j.n * 3 * sizeof(float));
+            memset(j.hist, 0, (size_t)j.L * (size_t)j.C * (size_t)j.n * 3 * sizeof(float));
+            memset(j.tok, 0, (size_t)j.L * (size_t)j.C * (size_t)j.n * sizeof(int64_t));
+            first_step = 0;
+            moecal_log(MOECAL_LOG_INFO, "# no checkpoint to resume from: starting at the beginning");
+        }
+    }
+
+    /* Backend. */
+    if (strcmp(p->backend, "auto") == 0)
+        ops = moecal_backend_auto();
+    else
+        ops = moecal_backend_find(p->backend);
+    if (!ops || (ops->available && !ops->available())) {
+        moecal_error_set(MOECAL_ERR_UNSUPPORTED, "backend '%s' is not available in this build or "
+                         "on this machine (%s)", p->backend, MOECAL_BUILD_OPTIONS);
+        moecal_fatal_all(MOECAL_ERR_UNSUPPORTED);
+    }
+    bc.model = j.cfg;
+    bc.e0 = j.e0;
+    bc.e1 = j.e1;
+    bc.max_chunk_tokens = j.chunk;
+    bc.all_experts = p->all_experts;
+    bc.device = p->gpu;
+    bc.gpu_mem_limit = p->gpu_mem_limit;
+    bc.threads = p->threads;
+    bc.rank = c->rank;
+    s = ops->create(&bc, &be);
+    moecal_check_all(s);
+    moecal_log(MOECAL_LOG_INFO, "# backend %s, %d MoE layers x %d experts (%d-%d per rank), "
+               "%lld tokens in %lld chunks of %lld, mode %s", ops->name, j.L, j.E, j.E / c->size,
+               (j.E + c->size - 1) / c->size, (long long)j.T, (long long)j.C, (long long)j.chunk,
+               p->all_experts ? "all-experts" : "top-k + peer-max sync");
+
+    s = moecal_tokens_create(c, act_path, j.H, j.layers, j.L, j.T, j.chunk, p->nonfinite,
+                             first_step, &tk);
+    moecal_check_all(s);
+
+    pg.tty = isatty(STDERR_FILENO);
+    pg.t0 = pg.tlayer = moecal_now();
+    pg.tokens_total = j.T * j.L - (first_step / j.C) * j.T - (first_step % j.C) * j.chunk;
+    for (int li = (int)(first_step / j.C); li < j.L; li++) {
+        moecal_layer_weights lw;
+        double t0 = moecal_now();
+        s = load_layer(&j, li, &lw);
+        if (s == MOECAL_OK)
+            s = ops->load_layer(be, &lw);
+        /* A missing tensor on one rank stops every rank with its message. */
+        moecal_check_all(s);
+        t_load += moecal_now() - t0;
+        for (int ci = li == first_step / j.C ? (int)(first_step % j.C) : 0; ci < j.C; ci++) {
+            int64_t step = (int64_t)li * j.C + ci;
+            int stop;
+            s = moecal_tokens_next(tk, &ch);
+            if (s != MOECAL_OK)
+                moecal_check_all(s);
+            nskipped += ch.nskipped;
+            t0 = moecal_now();
+            s = ops->run_chunk(be, ch.rows, ch.nrows, ch.nskipped ? ch.skip : NULL, &cs);
+            if (s != MOECAL_OK)
+                moecal_fatal(s);
+            t_compute += moecal_now() - t0;
+            for (int k = 0; k < j.n; k++)
+                if (isnan(cs.amax_h[k]) || isinf(cs.amax_h[k]))
+                    moecal_fatal(moecal_error_set(MOECAL_ERR_NONFINITE,
+                        "layer %d expert %d: the w2 input (silu(x W1^T) * x W3^T) overflowed to "
+                        "%g in chunk %d; the expert's weights are too large for bf16",
+                        j.layers[li], j.e0 + k, (double)cs.amax_h[k], ci));
+            for (int k = 0; k < j.n; k++) {
+                size_t hi = (((size_t)li * (size_t)j.C + (size_t)ci) * (size_t)j.n + (size_t)k) * 3;
+                size_t ai = ((size_t)li * (size_t)j.n + (size_t)k) * 3;
+                j.hist[hi + 0] = cs.amax_x[k];
+                j.hist[hi + 1] = cs.amax_h[k];
+                j.hist[hi + 2] = cs.amax_x[k];
+                j.tok[((size_t)li * (size_t)j.C + (size_t)ci) * (size_t)j.n + (size_t)k] = cs.tokens[k];
+                for (int q = 0; q < 3; q++)
+                    j.amax_cal[ai + q] = fmaxf(j.amax_cal[ai + q], j.hist[hi + q]);
+            }
+            progress_chunk(&pg, li, j.L, ci, (int)j.C, ch.nrows);
+
+            /* Every rank agrees on a pending SIGTERM/SIGUSR1 at this boundary.
+             * Test hooks: MOECAL_TEST_STOP_AT_STEP=N acts as a signal after
+             * step N; MOECAL_TEST_CHUNK_DELAY_MS slows each chunk down. */
+            stop = moecal_signal_pending();
+            if (test_stop_at >= 0 && step + 1 == test_stop_at)
+                stop = 10;
+            if (test_delay_ms > 0)
+                usleep((useconds_t)test_delay_ms * 1000);
+            MOECAL_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &stop, 1, MPI_INT, MPI_MAX, c->world));
+            if (step + 1 < nsteps &&
+                (stop || (p->checkpoint_every > 0 && (step + 1) % p->checkpoint_every == 0))) {
+                moecal_tokens_quiesce(tk);
+                s = write_checkpoint(&j, &m, step + 1);
+                moecal_check_all(s);
+                moecal_log(MOECAL_LOG_VERBOSE, "# checkpoint after layer %d chunk %d", li + 1,
+                           ci + 1);
+            }
+            if (stop && step + 1 < nsteps) {
+                char ck[4200];
+                side_path(p->output, ".ckpt.h5", ck, sizeof ck);
+                moecal_log(MOECAL_LOG_QUIET, "moecal: signal %d: stopped after layer %d/%d chunk "
+                           "%d/%lld; checkpoint %s written; rerun with --resume to continue",
+                           stop, li + 1, j.L, ci + 1, (long long)j.C, ck);
+                moecal_tokens_destroy(tk);
+                ops->destroy(be);
+                free(cs.tokens);
+                free(cs.amax_x);
+                free(cs.amax_h);
+                free(cstart);
+                free(ccount);
+                job_free(&j);
+                unlock_output(p->output, lock_fd);
+                return moecal_error_set(MOECAL_ERR_INTERRUPTED, "interrupted by signal %d", stop);
+            }
+        }
+    }
+    {
+        double wait_s = 0, exch_s = 0, tb[5] = {0};
+        moecal_tokens_times(tk, &wait_s, &exch_s);
+        if (ops->timings)
+            ops->timings(be, tb);
+        moecal_log(MOECAL_LOG_VERBOSE, "# rank 0 time: load %.3fs, compute %.3fs (route %.3f, "
+                   "gather %.3f, gemm %.3f, act %.3f, copy %.3f), read wait %.3fs, exchange %.3fs",
+                   t_load, t_compute, tb[0], tb[1], tb[2], tb[3], tb[4], wait_s, exch_s);
+    }
+    moecal_tokens_destroy(tk);
+    tk = NULL;
+    ops->destroy(be);
+    be = NULL;
+
+    /* Fixup: one MPI_Allreduce(MPI_MAX) over the packed [layers x 3] table. */
+    {
+        size_t L3 = (size_t)j.L * 3;
+        float *peer = calloc(L3, sizeof *peer);
+        long long counts[2] = {0, 0}, total[2];
+        if (!peer)
+            moecal_fatal(moecal_error_set(MOECAL_ERR_NOMEM, "out of memory"));
+        for (int li = 0; li < j.L; li++)
+            for (int k = 0; k < j.n; k++)
+                for (int q = 0; q < 3; q++)
+                    peer[(size_t)li * 3 + (size_t)q] =
+                        fmaxf(peer[(size_t)li * 3 + (size_t)q],
+                              j.amax_cal[((size_t)li * (size_t)j.n + (size_t)k) * 3 + (size_t)q]);
+        if (!p->all_experts)
+            MOECAL_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, peer, (int)L3, MPI_FLOAT, MPI_MAX,
+                                           c->world));
+        for (int li = 0; li < j.L; li++)
+            for (int k = 0; k < j.n; k++) {
+                size_t ai = ((size_t)li * (size_t)j.n + (size_t)k) * 3;
+                int64_t t = 0;
+                for (int ci = 0; ci < j.C; ci++)
+                    t += j.tok[((size_t)li * (size_t)j.C + (size_t)ci) * (size_t)j.n + (size_t)k];
+                counts[1] += t == 0;
+                for (int q = 0; q < 3; q++) {
+                    float v = p->all_experts ? j.amax_cal[ai + q] : peer[(size_t)li * 3 + (size_t)q];
+                    counts[0] += !p->all_experts && v != j.amax_cal[ai + q];
+                    j.amax_final[ai + q] = v;
+                }
+            }
+        free(peer);
+        MOECAL_MPI_CHECK(MPI_Reduce(counts, total, 2, MPI_LONG_LONG, MPI_SUM, 0, c->world));
+        if (p->all_experts)
+            moecal_log(MOECAL_LOG_INFO, "# all-experts mode: no peer-max sync; %lld experts "
+                       "never saw a token", total[1]);
+        else
+            moecal_log(MOECAL_LOG_INFO, "# peer-max sync: %lld of %lld input quantizers raised to "
+                       "their layer's maximum; %lld experts never routed (uncalibrated, their "
+                       "input amax comes from the sync)", total[0], (long long)j.L * j.E * 3,
+                       total[1]);
+    }
+
+    /* Output: HDF5 under a temporary name, renamed once everything is written. */
+    {
+        moecal_amax_slab sl = {0};
+
+        sl.e0 = j.e0;
+        sl.e1 = j.e1;
+        sl.input_amax = j.amax_final;
+        sl.input_amax_calibrated = j.amax_cal;
+        sl.weight_amax = j.weight_amax;
+        sl.history = j.hist;
+        sl.tokens = j.tok;
+        snprintf(tmp_path, sizeof tmp_path, "%s.tmp", p->output);
+        s = moecal_amax_write_h5(c->world, tmp_path, &m, &sl);
+        moecal_check_all(s);
+
+        /* Whole tables on rank 0 for the side files: slabs are disjoint and
+         * amax are >= 0, so MAX (SUM for counts) assembles them. */
+        {
+            size_t LE = (size_t)j.L * (size_t)j.E, L3 = LE * 3;
+            float *full = calloc(3 * L3, sizeof *full), *res = NULL;
+            int64_t *tk_full = calloc(LE, sizeof *tk_full), *tk_res = NULL;
+            if (c->rank == 0) {
+                res = calloc(3 * L3, sizeof *res);
+                tk_res = calloc(LE, sizeof *tk_res);
+            }
+            if (!full || !tk_full || (c->rank == 0 && (!res || !tk_res)))
+                moecal_fatal(moecal_error_set(MOECAL_ERR_NOMEM, "out of memory"));
+            for (int li = 0; li < j.L; li++)
+                for (int k = 0; k < j.n; k++) {
+                    size_t src = ((size_t)li * (size_t)j.n + (size_t)k) * 3;
+                    size_t dst = ((size_t)li * (size_t)j.E + (size_t)(j.e0 + k)) * 3;
+                    memcpy(&full[dst], &j.amax_final[src], 3 * sizeof(float));
+                    memcpy(&full[L3 + dst], &j.amax_cal[src], 3 * sizeof(float));
+                    memcpy(&full[2 * L3 + dst], &j.weight_amax[src], 3 * sizeof(float));
+                    for (int ci = 0; ci < j.C; ci++)
+                        tk_full[(size_t)li * (size_t)j.E + (size_t)(j.e0 + k)] +=
+                            j.tok[((size_t)li * (size_t)j.C + (size_t)ci) * (size_t)j.n + (size_t)k];
+                }
+            MOECAL_MPI_CHECK(MPI_Reduce(full, res, (int)(3 * L3), MPI_FLOAT, MPI_MAX, 0, c->world));
+            MOECAL_MPI_CHECK(MPI_Reduce(tk_full, tk_res, (int)LE, MPI_INT64_T, MPI_SUM, 0,
+                                        c->world));
+            s = MOECAL_OK;
+            if (c->rank == 0) {
+                moecal_amax_tables t = {res, res + L3, res + 2 * L3, tk_res};
+                char path[4200];
+                side_path(p->output, ".quant_summary.txt", path, sizeof path);
+                s = moecal_amax_write_summary(path, &m, j.model, &t);
+                if (s == MOECAL_OK) {
+                    side_path(p->output, ".hf_quant_config.json", path, sizeof path);
+                    s = moecal_amax_write_hf_config(path, &m, &t);
+                }
+                if (s == MOECAL_OK) {
+                    side_path(p->output, ".safetensors", path, sizeof path);
+                    s = moecal_amax_write_safetensors(path, &m, j.model, &t);
+                }
+                if (s == MOECAL_OK && rename(tmp_path, p->output) != 0)
+                    s = moecal_error_errno(errno, "%s: rename from %s failed", p->output,
+                                           tmp_path);
+                if (s != MOECAL_OK)
+                    unlink(tmp_path);
+            }
+            free(full);
+            free(res);
+            free(tk_full);
+            free(tk_res);
+        }
+        moecal_check_all(s);
+    }
+    if (c->rank == 0)
+        remove_checkpoints(p->output);
+    free(cstart);
+    free(ccount);
+    {
+        double el = moecal_now() - t_start;
+        moecal_log(MOECAL_LOG_INFO, "# wrote %s in %.1fs: %lld tokens x %d layers, compute "
+                   "%.0f tokens/s per rank%s", p->output, el, (long long)j.T, j.L,
+                   t_compute > 0 ? (double)j.T * j.L / t_compute : 0.0,
+                   nskipped ? " (non-finite rows skipped)" : "");
+    }
+    free(cs.tokens);
+    free(cs.amax_x);
+    free(cs.amax_h);
+    job_free(&j);
+    unlock_output(p->output, lock_fd);
+    return MOECAL_OK;
+}

@@ -1,0 +1,44 @@
+/* calibrate.h - the calibration job (`moecal calibrate`). */
+#ifndef MOECAL_CALIBRATE_H
+#define MOECAL_CALIBRATE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "activations.h"
+#include "amaxfile.h"
+#include "comm.h"
+#include "error.h"
+
+typedef struct moecal_calib_params {
+    const char *model_dir;
+    const char *activations;
+    const char *output;
+    bool force;
+    bool all_experts;
+    int64_t chunk_tokens;
+    int64_t max_tokens;      /* 0 = all */
+    const char *layers;      /* "all" or "3-10,12" */
+    moecal_qfmt qfmt;
+    const char *backend;     /* cpu | cuda | auto */
+    moecal_nonfinite nonfinite;
+    int threads;
+    uint64_t gpu_mem_limit;
+    int gpu;                 /* device of this rank from the placement, -1 none */
+    const char *command_line;
+    const char *placement_json;
+    int64_t checkpoint_every; /* chunks between checkpoints, 0 = only on a signal */
+    bool resume;              /* continue from the newest valid checkpoint */
+} moecal_calib_params;
+
+/* Parse a layer list ("all", "3-10,12") against the model's MoE layers.
+ * Returns the selected MoE layers (ascending) in *out (malloc'd). */
+moecal_status moecal_calib_parse_layers(const char *spec, const int *moe_layers, int n_moe,
+                                        int **out, int *n_out);
+
+/* Collective over c->world: run the whole job and write the outputs.
+ * MOECAL_ERR_INTERRUPTED (on every rank) when a signal stopped it after a
+ * checkpoint was written. */
+moecal_status moecal_calibrate_run(const moecal_comm *c, const moecal_calib_params *p);
+
+#endif

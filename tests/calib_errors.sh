@@ -1,0 +1,54 @@
+#!/bin/bash
+# tests/calib_errors.sh - bad inputs to calibrate: a clear message naming the
+# files, a non-zero exit on every rank, no hang and no output left behind.
+. "$srcdir/tests/testlib.sh"
+need_python_h5py
+
+make_demo "$TMPDIR/demo"
+run "$MOECAL" synth --preset tiny -o "$TMPDIR/tiny" >/dev/null
+
+# Activations of another model (other hidden size): refused before compute.
+expect_fail 3 $MPIEXEC -n 2 "$MOECAL" calibrate --backend cpu -m "$TMPDIR/demo" \
+    -a "$TMPDIR/tiny/activations.h5" -o "$TMPDIR/x.h5"
+expect_msg "tiny/activations.h5 has hidden size .* but the model .*demo/config.json has hidden_size"
+[ ! -e "$TMPDIR/x.h5" ] && [ ! -e "$TMPDIR/x.h5.tmp" ] || fail "output left after a refused run"
+
+# A layer that is not MoE.
+expect_fail 2 $MPIEXEC -n 2 "$MOECAL" calibrate --backend cpu -m "$TMPDIR/demo" --layers 0 -o "$TMPDIR/x.h5"
+expect_msg "layer 0 is not a MoE layer"
+
+# An expert tensor missing on the last rank only: every rank stops, with
+# that rank's message naming the tensor.
+cp -r "$TMPDIR/demo" "$TMPDIR/broken"
+"$PYTHON3" - "$TMPDIR/broken" <<'PY' || fail "cannot edit the index"
+import json, sys
+p = sys.argv[1] + "/model.safetensors.index.json"
+idx = json.load(open(p))
+cfg = json.load(open(sys.argv[1] + "/config.json"))
+L = cfg["num_hidden_layers"] - 1
+E = cfg["n_routed_experts"] - 1
+del idx["weight_map"][f"model.layers.{L}.mlp.experts.{E}.up_proj.weight"]
+json.dump(idx, open(p, "w"))
+PY
+expect_fail any $MPIEXEC -n 3 "$MOECAL" calibrate --backend cpu -m "$TMPDIR/broken" -o "$TMPDIR/x.h5"
+expect_msg "rank 2 .*experts\.[0-9]+\.up_proj\.weight"
+[ ! -e "$TMPDIR/x.h5" ] || fail "output left after a failed run"
+
+# NaN rows: an error naming layer and token by default, skipped on request.
+cp -r "$TMPDIR/demo" "$TMPDIR/nan"
+"$PYTHON3" - "$TMPDIR/nan/activations.h5" <<'PY' || fail "cannot write NaN"
+import sys, h5py, numpy as np
+f = h5py.File(sys.argv[1], "r+")
+name = sorted(f["layers"].keys(), key=int)[0]
+d = f[f"layers/{name}/hidden"]
+# write a NaN into token 17 through HDF5's own conversion
+buf = d.astype("float32")[17:18]
+buf[0, 5] = np.nan
+sel = np.s_[17:18]
+d[sel] = buf
+print(name)
+PY
+expect_fail 3 $MPIEXEC -n 2 "$MOECAL" calibrate --backend cpu -m "$TMPDIR/nan" -o "$TMPDIR/x.h5"
+expect_msg "token 17"
+run_mpi 2 "$MOECAL" calibrate --backend cpu --nonfinite skip -m "$TMPDIR/nan" -o "$TMPDIR/skip.h5" --quiet
+exit 0

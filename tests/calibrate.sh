@@ -1,0 +1,73 @@
+#!/bin/bash
+# tests/calibrate.sh - the main job on the demo model against an independent
+# reference: schema, amax and token counts, top-k invariants, side files.
+. "$srcdir/tests/testlib.sh"
+need_python_h5py
+
+make_demo "$TMPDIR/demo"
+run_mpi 2 "$MOECAL" calibrate --backend cpu -m "$TMPDIR/demo" -o "$TMPDIR/topk.h5" >"$TMPDIR/out"
+grep -q "^# rank" "$TMPDIR/out" || fail "no placement header lines"
+grep -q "peer-max sync: .* experts never routed" "$TMPDIR/stderr" 2>/dev/null || true
+check_amax schema "$TMPDIR/topk.h5"
+
+# Independent reference (numpy, its own safetensors and FP8 decoding).
+run "$PYTHON3" "$srcdir/tests/reference.py" "$TMPDIR/demo" "$TMPDIR/demo/activations.h5" \
+    --out "$TMPDIR/ref.npz"
+check_amax ref "$TMPDIR/topk.h5" "$TMPDIR/ref.npz"
+check_amax topk "$TMPDIR/topk.h5" "$TMPDIR/demo/activations.h5"
+
+# All-experts mode: every token reaches every expert, no sync.
+run_mpi 3 "$MOECAL" calibrate --backend cpu -m "$TMPDIR/demo" --calib-all-experts \
+    -o "$TMPDIR/all.h5" >/dev/null
+run "$PYTHON3" "$srcdir/tests/reference.py" "$TMPDIR/demo" "$TMPDIR/demo/activations.h5" \
+    --all-experts --out "$TMPDIR/ref-all.npz"
+check_amax ref "$TMPDIR/all.h5" "$TMPDIR/ref-all.npz"
+"$PYTHON3" - "$TMPDIR/all.h5" <<'PY' || fail "all-experts attributes or counts wrong"
+import sys, h5py, numpy as np
+f = h5py.File(sys.argv[1], "r")
+t = lambda v: v.decode() if isinstance(v, bytes) else str(v)
+assert t(f.attrs["mode"]) == "all_experts" and t(f.attrs["sync"]) == "none"
+tok = f["tokens_per_expert"][...].sum(axis=1)
+assert (tok == int(f.attrs["tokens"])).all(), tok
+assert np.array_equal(f["input_amax"][...], f["input_amax_calibrated"][...])
+PY
+
+# Files beside the output.
+for f in topk.quant_summary.txt topk.hf_quant_config.json topk.safetensors; do
+    [ -s "$TMPDIR/$f" ] || fail "$f missing"
+done
+grep -q "uncalibrated" "$TMPDIR/topk.quant_summary.txt" || fail "summary lists no uncalibrated expert"
+grep -q '"quant_algo": "NVFP4"' "$TMPDIR/topk.hf_quant_config.json" || fail "hf_quant_config lacks NVFP4"
+grep -q '"group_size": 16' "$TMPDIR/topk.hf_quant_config.json" || fail "hf_quant_config lacks group_size"
+"$PYTHON3" - "$TMPDIR/topk.safetensors" "$TMPDIR/topk.h5" <<'PY' || fail "amax safetensors wrong"
+import json, struct, sys
+import h5py, numpy as np
+raw = open(sys.argv[1], "rb").read()
+n = struct.unpack("<Q", raw[:8])[0]
+hdr = json.loads(raw[8:8 + n])
+f = h5py.File(sys.argv[2], "r")
+L0 = int(f["layers"][0])
+key = f"model.layers.{L0}.mlp.experts.3.gate_proj.input_quantizer._amax"
+b, e = hdr[key]["data_offsets"]
+v = np.frombuffer(raw[8 + n + b:8 + n + e], "<f4")[0]
+assert v == f["input_amax"][0, 3, 0], (v, f["input_amax"][0, 3, 0])
+key = f"model.layers.{L0}.mlp.experts.3.down_proj.weight_quantizer._amax"
+b, e = hdr[key]["data_offsets"]
+assert np.frombuffer(raw[8 + n + b:8 + n + e], "<f4")[0] == f["weight_amax"][0, 3, 1]
+PY
+
+# The schema as h5dump shows it.
+if [ "$H5DUMP" != no ]; then
+    run "$H5DUMP" -H "$TMPDIR/topk.h5" >"$TMPDIR/dump"
+    for d in input_amax input_amax_calibrated weight_amax input_scale weight_scale_2 \
+             input_amax_history tokens_per_expert chunk_token_start layers projections; do
+        grep -q "DATASET \"$d\"" "$TMPDIR/dump" || fail "h5dump -H lacks $d"
+    done
+fi
+
+# An existing output is kept without --force; no temporary file is left.
+expect_fail 4 $MPIEXEC -n 2 "$MOECAL" calibrate --backend cpu -m "$TMPDIR/demo" -o "$TMPDIR/topk.h5"
+expect_msg "topk.h5 exists; use --force"
+run_mpi 2 "$MOECAL" calibrate --backend cpu -m "$TMPDIR/demo" -o "$TMPDIR/topk.h5" --force --quiet
+[ ! -e "$TMPDIR/topk.h5.tmp" ] || fail "temporary output left behind"
+exit 0
