@@ -16,7 +16,7 @@ pass=0; failn=0; skipn=0
 summary() { echo "tests: $pass passed, $failn failed, $skipn skipped"; }
 die() { echo "check.sh: $*" >&2; failn=$((failn + 1)); summary; exit 1; }
 
-"$top/scripts/deps.sh" --with-fuzz || die "missing Debian packages (see above)"
+"$top/scripts/deps.sh" --with-fuzz --with-slurm || die "missing Debian packages (see above)"
 
 cd "$top" || die "cannot enter $top"
 autoreconf -fi >/dev/null 2>&1 || { autoreconf -fi; die "autoreconf failed"; }

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include "amaxfile.h"
@@ -29,19 +30,55 @@ const char *moecal_qfmt_name(moecal_qfmt f)
 typedef struct h5w {
     hid_t file, dxpl;
     const char *path;
+    MPI_Comm comm;
     moecal_status status;
 } h5w;
+
+/* A full file system shows up in MPI-IO without errno: look at the space
+ * left where the file lives. */
+static int disk_full(const char *path)
+{
+    char dir[4096];
+    const char *slash = strrchr(path, '/');
+    struct statvfs v;
+
+    if (slash)
+        snprintf(dir, sizeof dir, "%.*s", (int)(slash - path), path);
+    else
+        snprintf(dir, sizeof dir, ".");
+    if (dir[0] == '\0')
+        snprintf(dir, sizeof dir, "/");
+    return statvfs(dir, &v) == 0 && (unsigned long long)v.f_bavail * v.f_bsize < 256 * 1024;
+}
 
 static moecal_status h5fail(h5w *w, const char *what)
 {
     int e = errno;
     if (w->status == MOECAL_OK) {
-        if (e == ENOSPC || e == EDQUOT || e == EIO)
+        if (e == ENOSPC || e == EDQUOT || disk_full(w->path))
+            w->status = moecal_error_errno(e == EDQUOT ? EDQUOT : ENOSPC,
+                                           "%s: HDF5 could not %s", w->path, what);
+        else if (e == EIO)
             w->status = moecal_error_errno(e, "%s: HDF5 could not %s", w->path, what);
         else
             w->status = moecal_error_set(MOECAL_ERR_HDF5, "%s: HDF5 could not %s", w->path, what);
     }
     return w->status;
+}
+
+/* Every rank must make the same sequence of collective HDF5 calls: after each
+ * step the ranks agree on whether all succeeded, and all stop together. */
+static void agree(h5w *w)
+{
+    int ok = w->status == MOECAL_OK, all = 0;
+
+    if (MPI_Allreduce(&ok, &all, 1, MPI_INT, MPI_MIN, w->comm) != MPI_SUCCESS)
+        all = 0;
+    if (!all && w->status == MOECAL_OK)
+        w->status = disk_full(w->path)
+                        ? moecal_error_errno(ENOSPC, "%s: another rank could not write", w->path)
+                        : moecal_error_set(MOECAL_ERR_PEER, "%s: another rank could not write",
+                                           w->path);
 }
 
 static void attr_str(h5w *w, hid_t obj, const char *name, const char *val)
@@ -108,6 +145,7 @@ static hid_t dset_write(h5w *w, const char *name, hid_t ftype, hid_t mtype, int 
     H5Sclose(sp);
     if (d < 0) {
         h5fail(w, "create a dataset");
+        agree(w);
         return -1;
     }
     fs = H5Dget_space(d);
@@ -126,6 +164,7 @@ static hid_t dset_write(h5w *w, const char *name, hid_t ftype, hid_t mtype, int 
     H5Sclose(fs);
     if (desc)
         attr_str(w, d, "description", desc);
+    agree(w);
     return d;
 }
 
@@ -148,10 +187,52 @@ static void close_d(hid_t *d)
     *d = -1;
 }
 
+/* Bytes the file will take: its datasets plus room for metadata. */
+static unsigned long long size_estimate(const moecal_amax_meta *m)
+{
+    unsigned long long LE3 = (unsigned long long)m->L * (unsigned long long)m->E * 3;
+    unsigned long long C = (unsigned long long)m->C;
+    return (LE3 * 4 * 5 + LE3 * C * 4 + LE3 / 3 * C * 8 + C * 16 + (unsigned long long)m->E * 4 +
+           strlen(m->placement_json) + strlen(m->command_line)) * 5 / 4 + 48 * 1024;
+}
+
+/* Collective: refuse before any HDF5 call when the file system lacks room.
+ * A collective write that runs out of space half way can leave the ranks in
+ * different MPI-IO calls (a hang), so it must not start. */
+static moecal_status check_space(MPI_Comm comm, const char *path, const moecal_amax_meta *m)
+{
+    char dir[4096];
+    const char *slash = strrchr(path, '/');
+    struct statvfs v;
+    unsigned long long need = size_estimate(m), have = 0;
+    int rank, ok = 1;
+
+    MPI_Comm_rank(comm, &rank);
+    if (rank == 0) {
+        if (slash)
+            snprintf(dir, sizeof dir, "%.*s", (int)(slash - path), path);
+        else
+            snprintf(dir, sizeof dir, ".");
+        if (dir[0] == '\0')
+            snprintf(dir, sizeof dir, "/");
+        if (statvfs(dir, &v) == 0) {
+            have = (unsigned long long)v.f_bavail * v.f_bsize;
+            ok = have >= need;
+        }
+    }
+    MPI_Bcast(&ok, 1, MPI_INT, 0, comm);
+    if (ok)
+        return MOECAL_OK;
+    if (rank != 0)
+        return moecal_error_peer(0, MOECAL_EXIT_OUTPUT);
+    return moecal_error_errno(ENOSPC, "%s: needs about %llu KiB but the file system has %llu KiB "
+                              "free", path, need / 1024, have / 1024);
+}
+
 moecal_status moecal_amax_write_h5(MPI_Comm comm, const char *path, const moecal_amax_meta *m,
                                    const moecal_amax_slab *s)
 {
-    h5w w = {.file = -1, .dxpl = -1, .path = path, .status = MOECAL_OK};
+    h5w w = {.file = -1, .dxpl = -1, .path = path, .comm = comm, .status = MOECAL_OK};
     hid_t fapl, d_layers = -1, d_proj = -1, d_exp = -1, d_chunk = -1, d_cnt = -1;
     hid_t d[8] = {-1, -1, -1, -1, -1, -1, -1, -1};
     const moecal_model_config *cfg = m->cfg;
@@ -163,6 +244,7 @@ moecal_status moecal_amax_write_h5(MPI_Comm comm, const char *path, const moecal
     int *experts = NULL;
 
     MPI_Comm_rank(comm, &rank);
+    MOECAL_TRY(check_space(comm, path, m));
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
     fapl = H5Pcreate(H5P_FILE_ACCESS);
     H5Pset_fapl_mpio(fapl, comm, MPI_INFO_NULL);
@@ -177,6 +259,7 @@ moecal_status moecal_amax_write_h5(MPI_Comm comm, const char *path, const moecal
     if (w.file < 0)
         return moecal_error_set(MOECAL_ERR_IO, "%s: cannot create the output file "
                                 "(directory missing or not writable?)", path);
+    /* H5Fcreate is collective: it failed everywhere or nowhere. */
     w.dxpl = H5Pcreate(H5P_DATASET_XFER);
     H5Pset_dxpl_mpio(w.dxpl, H5FD_MPIO_COLLECTIVE);
 
@@ -198,6 +281,7 @@ moecal_status moecal_amax_write_h5(MPI_Comm comm, const char *path, const moecal
     }
     for (int e = 0; e < m->E; e++)
         experts[e] = e;
+    agree(&w);
 
     /* Root attributes: identical values on every rank (collective). */
     attr_str(&w, w.file, "format", MOECAL_AMAX_FORMAT);
@@ -235,6 +319,7 @@ moecal_status moecal_amax_write_h5(MPI_Comm comm, const char *path, const moecal
     }
     if (m->checkpoint)
         attr_int(&w, w.file, "checkpoint_next_step", m->next_step);
+    agree(&w);
 
     {
         hsize_t L = (hsize_t)m->L, E = (hsize_t)m->E, C = (hsize_t)m->C, three = 3;
@@ -261,6 +346,7 @@ moecal_status moecal_amax_write_h5(MPI_Comm comm, const char *path, const moecal
         scale(&w, d_exp, "expert");
         scale(&w, d_proj, "projection");
         scale(&w, d_chunk, "chunk");
+        agree(&w);
 
         d[0] = dset_write(&w, "input_amax", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, 3, dim3, st3, ct3,
                           s->input_amax, m->all_experts ? "input amax (all-experts mode, no sync)"
@@ -290,6 +376,7 @@ moecal_status moecal_amax_write_h5(MPI_Comm comm, const char *path, const moecal
         attach(&w, d[6], d_layers, 0);
         attach(&w, d[6], d_chunk, 1);
         attach(&w, d[6], d_exp, 2);
+        agree(&w);
     }
 
 done:
@@ -371,6 +458,7 @@ static moecal_status read_attr_str(hid_t f, const char *path, const char *name, 
     } else {
         mt = H5Tcopy(H5T_C_S1);
         H5Tset_size(mt, n + 1);
+        H5Tset_cset(mt, H5Tget_cset(t));
         memset(buf, 0, len);
         if (H5Aread(a, mt, buf) < 0)
             s = moecal_error_set(MOECAL_ERR_HDF5, "%s: cannot read attribute '%s'", path, name);

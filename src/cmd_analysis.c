@@ -1,23 +1,1045 @@
-/* cmd_analysis.c - `moecal compare` and `moecal report` (post-hoc analysis of
- * amax files).  Not available yet in this version: both refuse clearly. */
+/* cmd_analysis.c - `moecal compare` and `moecal report`: post-hoc analysis of
+ * amax files.
+ *
+ * Both are serial tools: rank 0 reads the files and prints, other ranks (when
+ * started under mpiexec) only join the final error check.  Input files are
+ * read and validated by amaxread.c.
+ */
 #include "config.h"
 
+#include <errno.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "amaxread.h"
 #include "commands.h"
 #include "error.h"
+#include "options.h"
 #include "runtime.h"
+
+#define OPT_END {NULL, 0, MOECAL_OPT_FLAG, NULL, NULL, NULL, NULL, 0, 0, 0}
+
+static const char *const proj_name[3] = {"w1", "w2", "w3"};
+
+/* ---------------------------------------------------------------- helpers */
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Percentile q (0..1) of ascending x[0..n-1], linear between closest ranks
+ * (numpy's default method). */
+static double percentile_sorted(const double *x, size_t n, double q)
+{
+    double pos, frac;
+    size_t lo;
+
+    if (n == 0)
+        return 0.0;
+    pos = q * (double)(n - 1);
+    lo = (size_t)floor(pos);
+    if (lo + 1 >= n)
+        return x[n - 1];
+    frac = pos - (double)lo;
+    return x[lo] + frac * (x[lo + 1] - x[lo]);
+}
+
+/* "62.5%", never rounding a partial share to 0.0% or 100.0%. */
+static void pct_str(long long k, long long n, char *buf, size_t len)
+{
+    double v = n > 0 ? 100.0 * (double)k / (double)n : 0.0;
+
+    if (k == 0 || n == 0)
+        snprintf(buf, len, "0.0%%");
+    else if (k == n)
+        snprintf(buf, len, "100.0%%");
+    else if (v < 0.05)
+        snprintf(buf, len, "<0.1%%");
+    else if (v > 99.95)
+        snprintf(buf, len, ">99.9%%");
+    else
+        snprintf(buf, len, "%.1f%%", v);
+}
+
+static void ratio_str(double r, char *buf, size_t len)
+{
+    snprintf(buf, len, "%.3gx", r);
+}
+
+/* Standard output must reach its reader: a full disk or a closed pipe is an error. */
+static moecal_status flush_stdout(void)
+{
+    if (fflush(stdout) != 0 || ferror(stdout))
+        return moecal_error_errno(errno ? errno : EIO, "standard output");
+    return MOECAL_OK;
+}
+
+/* Building JSON: any failed allocation turns *ok off. */
+static void jset(json_t *obj, const char *key, json_t *val, int *ok)
+{
+    if (!val || json_object_set_new(obj, key, val) != 0)
+        *ok = 0;
+}
+
+static void jappend(json_t *arr, json_t *val, int *ok)
+{
+    if (!val || json_array_append_new(arr, val) != 0)
+        *ok = 0;
+}
+
+static json_t *jlayers(const moecal_amax_data *d, int *ok)
+{
+    json_t *a = json_array();
+
+    if (!a) {
+        *ok = 0;
+        return NULL;
+    }
+    for (int l = 0; l < d->L; l++)
+        jappend(a, json_integer(d->layers[l]), ok);
+    return a;
+}
+
+static moecal_status print_json(json_t *root, int ok)
+{
+    int rc;
+
+    if (!root || !ok) {
+        json_decref(root);
+        return moecal_error_set(MOECAL_ERR_NOMEM, "out of memory building the JSON output");
+    }
+    rc = json_dumpf(root, stdout, JSON_INDENT(2) | JSON_REAL_PRECISION(9));
+    json_decref(root);
+    if (rc != 0)
+        return moecal_error_errno(errno ? errno : EIO, "standard output");
+    fputc('\n', stdout);
+    return flush_stdout();
+}
+
+/* Parse the options of a subcommand the same way on every rank; usage errors
+ * end every rank with exit status 2.  Returns 1 when --help or --print-config
+ * was handled (the caller returns 0). */
+static int parse_opts(const char *cmd, const moecal_optdef *defs, const char *pos_usage,
+                      const char *summary, int npos, int argc, char **argv, moecal_opts **o)
+{
+    moecal_status s = moecal_opts_parse(cmd, defs, pos_usage, argc, argv, o);
+
+    if (s != MOECAL_OK)
+        moecal_fatal_all(s);
+    if (moecal_opts_help(*o)) {
+        if (moecal_world_rank() == 0)
+            moecal_opts_usage(cmd, defs, pos_usage, summary, stdout);
+        moecal_opts_free(*o);
+        return 1;
+    }
+    if (moecal_opts_print_config(*o)) {
+        if (moecal_world_rank() == 0)
+            moecal_opts_dump(*o, stdout);
+        moecal_opts_free(*o);
+        return 1;
+    }
+    if (moecal_opts_npos(*o) != npos) {
+        moecal_error_set(MOECAL_ERR_USAGE, "'moecal %s' takes %s (got %d argument%s; see "
+                         "'moecal %s --help')", cmd, pos_usage, moecal_opts_npos(*o),
+                         moecal_opts_npos(*o) == 1 ? "" : "s", cmd);
+        moecal_opts_free(*o);
+        moecal_fatal_all(MOECAL_ERR_USAGE);
+    }
+    return 0;
+}
+
+/* A float option within [lo, hi]; same result on every rank. */
+static double float_opt(moecal_opts *o, const char *cmd, const char *name, double lo, double hi)
+{
+    double v = moecal_opts_float(o, name);
+
+    if (!(v >= lo && v <= hi)) {
+        moecal_error_set(MOECAL_ERR_USAGE, "option '--%s' of 'moecal %s' must be between %g "
+                         "and %g (got %g, from %s)", name, cmd, lo, hi, v,
+                         moecal_opts_source(o, name));
+        moecal_opts_free(o);
+        moecal_fatal_all(MOECAL_ERR_USAGE);
+    }
+    return v;
+}
+
+/* ================================================================ compare */
+
+static const char compare_summary[] =
+    "Compare two amax files of the same model and layers quantizer by quantizer\n"
+    "(layer x expert, per projection w1/w2/w3): how many input and weight amax are\n"
+    "identical, larger (A > B) or smaller in A, and the distribution of the ratio\n"
+    "A/B over the quantizers where B > 0 (those with B = 0 are counted apart).\n"
+    "Typical use: a top-k run (A) against an all-experts run (B).  Serial; runs\n"
+    "with or without mpiexec.";
+
+static const moecal_optdef compare_optdefs[] = {
+    {"json", 0, MOECAL_OPT_FLAG, "0", NULL, NULL, "print the comparison as JSON", 0, 0, 0},
+    {"calibrated", 0, MOECAL_OPT_FLAG, "0", NULL, NULL,
+     "compare input_amax_calibrated (before the peer-max sync) instead of input_amax",
+     0, 0, 0},
+    OPT_END
+};
+
+typedef struct cmp_stats {
+    long long n;            /* quantizers */
+    long long identical, larger, smaller;
+    long long b_zero;       /* B == 0 (no ratio) */
+    long long n_ratio;      /* B > 0 */
+    double min, median, p5, p95, max;
+} cmp_stats;
+
+/* Compare a[i] with b[i] for projection p of layers [l0, l1). */
+static void cmp_compute(const moecal_amax_data *da, const float *a, const float *b, int l0,
+                        int l1, int p, double *scratch, cmp_stats *st)
+{
+    memset(st, 0, sizeof *st);
+    for (int l = l0; l < l1; l++) {
+        for (int e = 0; e < da->E; e++) {
+            size_t i = moecal_amax_idx(da, l, e, p);
+            float x = a[i], y = b[i];
+
+            st->n++;
+            if (x == y)
+                st->identical++;
+            else if (x > y)
+                st->larger++;
+            else
+                st->smaller++;
+            if (y > 0.0f)
+                scratch[st->n_ratio++] = (double)x / (double)y;
+            else
+                st->b_zero++;
+        }
+    }
+    if (st->n_ratio > 0) {
+        size_t n = (size_t)st->n_ratio;
+
+        qsort(scratch, n, sizeof *scratch, cmp_double);
+        st->min = scratch[0];
+        st->max = scratch[n - 1];
+        st->median = percentile_sorted(scratch, n, 0.50);
+        st->p5 = percentile_sorted(scratch, n, 0.05);
+        st->p95 = percentile_sorted(scratch, n, 0.95);
+    }
+}
+
+static json_t *cmp_json(const cmp_stats *st, int *ok)
+{
+    json_t *o = json_object(), *r;
+
+    if (!o) {
+        *ok = 0;
+        return NULL;
+    }
+    jset(o, "n", json_integer(st->n), ok);
+    jset(o, "identical", json_integer(st->identical), ok);
+    jset(o, "larger", json_integer(st->larger), ok);
+    jset(o, "smaller", json_integer(st->smaller), ok);
+    jset(o, "b_zero", json_integer(st->b_zero), ok);
+    if (st->n_ratio == 0) {
+        jset(o, "ratio", json_null(), ok);
+        return o;
+    }
+    r = json_object();
+    if (r) {
+        jset(r, "n", json_integer(st->n_ratio), ok);
+        jset(r, "min", json_real(st->min), ok);
+        jset(r, "p5", json_real(st->p5), ok);
+        jset(r, "median", json_real(st->median), ok);
+        jset(r, "p95", json_real(st->p95), ok);
+        jset(r, "max", json_real(st->max), ok);
+    }
+    jset(o, "ratio", r, ok);
+    return o;
+}
+
+/* Refuse files of different models or layer sets; the message names both. */
+static moecal_status cmp_check(const moecal_amax_data *a, const moecal_amax_data *b)
+{
+    const char *pa = a->path, *pb = b->path;
+
+    if (strcmp(a->model_type, b->model_type) != 0)
+        return moecal_error_set(MOECAL_ERR_MISMATCH, "%s and %s are not from the same model: "
+                                "model_type is '%s' in %s but '%s' in %s", pa, pb,
+                                a->model_type, pa, b->model_type, pb);
+    if (a->hidden_size != b->hidden_size)
+        return moecal_error_set(MOECAL_ERR_MISMATCH, "%s and %s are not from the same model: "
+                                "hidden_size is %lld in %s but %lld in %s", pa, pb,
+                                (long long)a->hidden_size, pa, (long long)b->hidden_size, pb);
+    if (a->n_routed_experts != b->n_routed_experts || a->E != b->E)
+        return moecal_error_set(MOECAL_ERR_MISMATCH, "%s and %s are not from the same model: "
+                                "n_routed_experts is %lld in %s but %lld in %s", pa, pb,
+                                (long long)a->n_routed_experts, pa,
+                                (long long)b->n_routed_experts, pb);
+    if (a->L != b->L || memcmp(a->layers, b->layers, (size_t)a->L * sizeof *a->layers) != 0) {
+        char la[256], lb[256];
+
+        moecal_amax_layers_str(a->layers, a->L, la, sizeof la);
+        moecal_amax_layers_str(b->layers, b->L, lb, sizeof lb);
+        return moecal_error_set(MOECAL_ERR_MISMATCH, "%s and %s cover different MoE layers "
+                                "(dataset 'layers'): %s in %s but %s in %s", pa, pb, la, pa, lb,
+                                pb);
+    }
+    return MOECAL_OK;
+}
+
+/* One printed row of the comparison table. */
+enum { CCOL_LAYER, CCOL_ROW, CCOL_LARGER, CCOL_SMALLER, CCOL_IDENT, CCOL_MEDIAN, CCOL_P5,
+       CCOL_P95, CCOL_MAX, CCOL_BZERO, CCOL_N };
+typedef struct cmp_row {
+    char cell[CCOL_N][40];
+} cmp_row;
+
+static void cmp_fill_row(cmp_row *r, const char *layer, const char *row, const cmp_stats *st)
+{
+    char pct[16];
+
+    snprintf(r->cell[CCOL_LAYER], sizeof r->cell[0], "%s", layer);
+    snprintf(r->cell[CCOL_ROW], sizeof r->cell[0], "%s", row);
+    pct_str(st->larger, st->n, pct, sizeof pct);
+    snprintf(r->cell[CCOL_LARGER], sizeof r->cell[0], "%6s (%lld/%lld)", pct, st->larger, st->n);
+    pct_str(st->smaller, st->n, pct, sizeof pct);
+    snprintf(r->cell[CCOL_SMALLER], sizeof r->cell[0], "%6s (%lld/%lld)", pct, st->smaller,
+             st->n);
+    pct_str(st->identical, st->n, pct, sizeof pct);
+    snprintf(r->cell[CCOL_IDENT], sizeof r->cell[0], "%6s (%lld/%lld)", pct, st->identical,
+             st->n);
+    if (st->n_ratio > 0) {
+        ratio_str(st->median, r->cell[CCOL_MEDIAN], sizeof r->cell[0]);
+        ratio_str(st->p5, r->cell[CCOL_P5], sizeof r->cell[0]);
+        ratio_str(st->p95, r->cell[CCOL_P95], sizeof r->cell[0]);
+        ratio_str(st->max, r->cell[CCOL_MAX], sizeof r->cell[0]);
+    } else {
+        for (int c = CCOL_MEDIAN; c <= CCOL_MAX; c++)
+            snprintf(r->cell[c], sizeof r->cell[0], "-");
+    }
+    snprintf(r->cell[CCOL_BZERO], sizeof r->cell[0], "%lld", st->b_zero);
+}
+
+static void cmp_print_table(const cmp_row *rows, int n)
+{
+    static const char *const head[CCOL_N] = {"layer", "amax", "larger (A > B)", "smaller",
+                                             "identical", "median", "p5", "p95", "max", "B=0"};
+    /* Left-aligned text columns, right-aligned numbers. */
+    static const int left[CCOL_N] = {0, 1, 1, 1, 1, 0, 0, 0, 0, 0};
+    int w[CCOL_N];
+
+    for (int c = 0; c < CCOL_N; c++) {
+        w[c] = (int)strlen(head[c]);
+        for (int i = 0; i < n; i++)
+            if ((int)strlen(rows[i].cell[c]) > w[c])
+                w[c] = (int)strlen(rows[i].cell[c]);
+    }
+    for (int i = -1; i < n; i++) {
+        const char *const *cells;
+        const char *line[CCOL_N];
+
+        if (i < 0) {
+            cells = head;
+        } else {
+            for (int c = 0; c < CCOL_N; c++)
+                line[c] = rows[i].cell[c];
+            cells = line;
+        }
+        for (int c = 0; c < CCOL_N; c++) {
+            const char *sep = c == 0 ? "" : (c == CCOL_MEDIAN ? "   " : "  ");
+            if (left[c] && c < CCOL_N - 1)
+                printf("%s%-*s", sep, w[c], cells[c]);
+            else
+                printf("%s%*s", sep, w[c], cells[c]);
+        }
+        putchar('\n');
+        /* A blank line between the all-layers block and each layer. */
+        if (i >= 0 && i + 1 < n && i % 6 == 5)
+            putchar('\n');
+    }
+}
+
+static void describe(const char *tag, const moecal_amax_data *d)
+{
+    printf("#   %s: %s (mode %s, sync %s%s%s%s%s)\n", tag, d->path, d->mode,
+           d->sync[0] ? d->sync : "?", d->quant_format[0] ? ", " : "", d->quant_format,
+           d->created[0] ? ", created " : "", d->created);
+}
+
+static moecal_status compare_run(moecal_opts *o)
+{
+    moecal_amax_data *a = NULL, *b = NULL;
+    moecal_status s;
+    int calibrated = moecal_opts_flag(o, "calibrated");
+    const char *in_name = calibrated ? "input_amax_calibrated" : "input_amax";
+    double *scratch = NULL;
+    cmp_stats *st = NULL; /* [L + 1][2][3]: index 0 = all layers */
+    cmp_row *rows = NULL;
+    int L;
+    size_t nst;
+
+    s = moecal_amax_data_read(moecal_opts_pos(o, 0), 0, &a);
+    if (s == MOECAL_OK)
+        s = moecal_amax_data_read(moecal_opts_pos(o, 1), 0, &b);
+    if (s == MOECAL_OK)
+        s = cmp_check(a, b);
+    if (s != MOECAL_OK)
+        goto out;
+    L = a->L;
+    nst = (size_t)(L + 1) * 6;
+    scratch = malloc((size_t)L * (size_t)a->E * sizeof *scratch);
+    st = calloc(nst, sizeof *st);
+    rows = calloc(nst, sizeof *rows);
+    if (!scratch || !st || !rows) {
+        s = moecal_error_set(MOECAL_ERR_NOMEM, "out of memory comparing %s and %s", a->path,
+                             b->path);
+        goto out;
+    }
+    for (int k = 0; k < 2; k++) {
+        const float *ta = k == 0 ? (calibrated ? a->input_amax_calibrated : a->input_amax)
+                                 : a->weight_amax;
+        const float *tb = k == 0 ? (calibrated ? b->input_amax_calibrated : b->input_amax)
+                                 : b->weight_amax;
+        for (int p = 0; p < 3; p++) {
+            cmp_compute(a, ta, tb, 0, L, p, scratch, &st[k * 3 + p]);
+            for (int l = 0; l < L; l++)
+                cmp_compute(a, ta, tb, l, l + 1, p, scratch, &st[(size_t)(l + 1) * 6 + k * 3 + p]);
+        }
+    }
+
+    if (moecal_opts_flag(o, "json")) {
+        int ok = 1;
+        json_t *root = json_object(), *fa = json_object(), *fb = json_object();
+        json_t *all = json_object(), *per = json_array();
+        const moecal_amax_data *fs[2] = {a, b};
+        json_t *fo[2] = {fa, fb};
+
+        if (!root || !fa || !fb || !all || !per)
+            ok = 0;
+        for (int i = 0; i < 2 && ok; i++) {
+            jset(fo[i], "path", json_string(fs[i]->path), &ok);
+            jset(fo[i], "mode", json_string(fs[i]->mode), &ok);
+            jset(fo[i], "sync", json_string(fs[i]->sync), &ok);
+            jset(fo[i], "quant_format", json_string(fs[i]->quant_format), &ok);
+            jset(fo[i], "created", json_string(fs[i]->created), &ok);
+        }
+        if (ok) {
+            jset(root, "a", fa, &ok);
+            jset(root, "b", fb, &ok);
+            fa = fb = NULL;
+            jset(root, "model_type", json_string(a->model_type), &ok);
+            jset(root, "hidden_size", json_integer(a->hidden_size), &ok);
+            jset(root, "n_routed_experts", json_integer(a->E), &ok);
+            jset(root, "layers", jlayers(a, &ok), &ok);
+            jset(root, "input_dataset", json_string(in_name), &ok);
+        }
+        for (int l = -1; l < L && ok; l++) {
+            json_t *ent = l < 0 ? all : json_object();
+            const cmp_stats *base = &st[(size_t)(l + 1) * 6];
+
+            if (!ent) {
+                ok = 0;
+                break;
+            }
+            if (l >= 0)
+                jset(ent, "layer", json_integer(a->layers[l]), &ok);
+            for (int k = 0; k < 2; k++) {
+                json_t *kind = json_object();
+                if (!kind) {
+                    ok = 0;
+                    break;
+                }
+                for (int p = 0; p < 3; p++)
+                    jset(kind, proj_name[p], cmp_json(&base[k * 3 + p], &ok), &ok);
+                jset(ent, k == 0 ? "input" : "weight", kind, &ok);
+            }
+            if (l >= 0)
+                jappend(per, ent, &ok);
+        }
+        if (ok) {
+            jset(root, "all_layers", all, &ok);
+            jset(root, "per_layer", per, &ok);
+            all = per = NULL;
+        }
+        json_decref(fa);
+        json_decref(fb);
+        json_decref(all);
+        json_decref(per);
+        s = print_json(root, ok);
+        goto out;
+    }
+
+    {
+        char ls[256];
+        int n = 0;
+
+        moecal_amax_layers_str(a->layers, L, ls, sizeof ls);
+        printf("# moecal compare\n");
+        describe("A", a);
+        describe("B", b);
+        printf("# model %s, hidden %lld, %d experts, %d MoE layer%s (%s): %lld quantizers per "
+               "row\n", a->model_type, (long long)a->hidden_size, a->E, L, L == 1 ? "" : "s",
+               ls, (long long)L * a->E);
+        printf("# input: %s%s; ratio A/B over quantizers with B > 0 (median, p5, p95, max); "
+               "B=0: quantizers where B is 0\n\n", in_name,
+               calibrated ? " (before sync)" : "");
+        for (int l = -1; l < L; l++) {
+            char lab[32];
+
+            if (l < 0)
+                snprintf(lab, sizeof lab, "all");
+            else
+                snprintf(lab, sizeof lab, "%d", a->layers[l]);
+            for (int k = 0; k < 2; k++)
+                for (int p = 0; p < 3; p++) {
+                    char row[32];
+                    snprintf(row, sizeof row, "%s %s", proj_name[p], k == 0 ? "input" : "weight");
+                    cmp_fill_row(&rows[n], lab, row, &st[(size_t)(l + 1) * 6 + k * 3 + p]);
+                    n++;
+                }
+        }
+        cmp_print_table(rows, n);
+        s = flush_stdout();
+    }
+out:
+    free(scratch);
+    free(st);
+    free(rows);
+    moecal_amax_data_free(a);
+    moecal_amax_data_free(b);
+    return s;
+}
 
 int moecal_cmd_compare(int argc, char **argv)
 {
-    (void)argc; (void)argv;
-    moecal_error_set(MOECAL_ERR_UNSUPPORTED, "'moecal compare' is not available in moecal %s",
-                     PACKAGE_VERSION);
-    moecal_fatal_all(MOECAL_ERR_USAGE);
+    moecal_opts *o = NULL;
+    moecal_status s = MOECAL_OK;
+
+    if (parse_opts("compare", compare_optdefs, "A.h5 B.h5", compare_summary, 2, argc, argv, &o))
+        return 0;
+    if (moecal_world_rank() == 0)
+        s = compare_run(o);
+    moecal_opts_free(o);
+    moecal_check_all(s);
+    return 0;
+}
+
+/* ================================================================ report */
+
+static const char report_summary[] =
+    "Routing and convergence statistics of one amax file: tokens per expert per\n"
+    "layer (min/median/max, never-routed and cold experts), the chunk after which\n"
+    "each quantizer's running input amax stopped growing, the share of quantizers\n"
+    "still growing in the last chunks (a warning says when the calibration set may\n"
+    "be too small), and the largest input and weight amax per layer and projection.\n"
+    "Serial; runs with or without mpiexec.";
+
+static const moecal_optdef report_optdefs[] = {
+    {"json", 0, MOECAL_OPT_FLAG, "0", NULL, NULL, "print the report as JSON", 0, 0, 0},
+    {"cold-fraction", 0, MOECAL_OPT_FLOAT, "0.1", NULL, "F",
+     "an expert is cold when routed fewer than F x the layer's mean tokens per expert",
+     0, 0, 0},
+    {"tail-fraction", 0, MOECAL_OPT_FLOAT, "0.1", NULL, "F",
+     "the last F of the chunks (at least one) are the tail checked for late growth", 0, 0, 0},
+    {"growth-tolerance", 0, MOECAL_OPT_FLOAT, "0.05", NULL, "R",
+     "growth in the tail counts as significant above this relative amount", 0, 0, 0},
+    {"warn-share", 0, MOECAL_OPT_FLOAT, "0.05", NULL, "F",
+     "warn when more than this share of calibrated quantizers grew significantly in the tail",
+     0, 0, 0},
+    OPT_END
+};
+
+typedef struct route_stats {
+    int64_t total;
+    int64_t min, max;
+    double median, mean;
+    int n_never, n_cold;
+    int *never, *cold;     /* expert ids (into one buffer of the caller) */
+} route_stats;
+
+typedef struct conv_stats {
+    long long calibrated;  /* quantizers with a non-zero final amax */
+    long long late;        /* grew at all in the tail */
+    long long late_sig;    /* grew by more than the tolerance in the tail */
+    double settled_median, settled_p95;
+    int settled_max;
+} conv_stats;
+
+typedef struct report_cfg {
+    double cold, tail, tol, warn;
+} report_cfg;
+
+/* Chunk in which each quantizer's running max first reached its final value
+ * (-1: never non-zero), and whether it still grew in the tail. */
+static void conv_layer(const moecal_amax_data *d, int l, int tail, double tol, int *settled,
+                       unsigned char *late, unsigned char *late_sig)
+{
+    int C = d->C, E = d->E, pre = C - tail;
+
+    for (int e = 0; e < E; e++)
+        for (int p = 0; p < 3; p++) {
+            float run = 0.0f, before = 0.0f;
+            int at = -1;
+
+            for (int c = 0; c < C; c++) {
+                float h = d->history[(((size_t)l * (size_t)C + (size_t)c) * (size_t)E
+                                      + (size_t)e) * 3 + (size_t)p];
+                if (h > run) {
+                    run = h;
+                    at = c;
+                }
+                if (c + 1 == pre)
+                    before = run;
+            }
+            settled[e * 3 + p] = at;
+            late[e * 3 + p] = pre > 0 && at >= pre;
+            late_sig[e * 3 + p] = pre > 0 && at >= pre &&
+                                  (double)run > (double)before * (1.0 + tol);
+        }
+}
+
+static void conv_summarize(const int *settled, const unsigned char *late,
+                           const unsigned char *late_sig, int E, int p, double *scratch,
+                           conv_stats *cs)
+{
+    size_t n = 0;
+
+    memset(cs, 0, sizeof *cs);
+    cs->settled_max = -1;
+    for (int e = 0; e < E; e++) {
+        int s = settled[e * 3 + p];
+        if (s < 0)
+            continue;
+        scratch[n++] = s;
+        cs->late += late[e * 3 + p];
+        cs->late_sig += late_sig[e * 3 + p];
+        if (s > cs->settled_max)
+            cs->settled_max = s;
+    }
+    cs->calibrated = (long long)n;
+    if (n > 0) {
+        qsort(scratch, n, sizeof *scratch, cmp_double);
+        cs->settled_median = percentile_sorted(scratch, n, 0.5);
+        cs->settled_p95 = percentile_sorted(scratch, n, 0.95);
+    }
+}
+
+static json_t *ids_json(const int *ids, int n, int *ok)
+{
+    json_t *a = json_array();
+
+    if (!a) {
+        *ok = 0;
+        return NULL;
+    }
+    for (int i = 0; i < n; i++)
+        jappend(a, json_integer(ids[i]), ok);
+    return a;
+}
+
+/* "never routed (2): 3 7" or, with token counts, "cold (2): 5 (12 tokens), 9 (40 tokens)". */
+static void print_ids(const char *what, const int *ids, int n, const int64_t *tok)
+{
+    printf("    %s (%d):", what, n);
+    for (int i = 0; i < n; i++) {
+        if (tok)
+            printf("%s %d (%lld token%s)", i ? "," : "", ids[i], (long long)tok[ids[i]],
+                   tok[ids[i]] == 1 ? "" : "s");
+        else
+            printf(" %d", ids[i]);
+    }
+    putchar('\n');
+}
+
+static moecal_status report_run(moecal_opts *o, const report_cfg *rc)
+{
+    moecal_amax_data *d = NULL;
+    moecal_status s;
+    int L, E, C, tail, pre;
+    int64_t *tok = NULL;          /* [L][E] summed over chunks */
+    int *ids = NULL;              /* [L][2][E]: never, cold */
+    route_stats *rs = NULL;       /* [L] */
+    int *settled = NULL;          /* [L][E][3] */
+    unsigned char *late = NULL, *late_sig = NULL;
+    conv_stats *cs = NULL;        /* [L][3] */
+    double *scratch = NULL;
+    conv_stats tot = {0};
+    char warn[512] = "";
+    int json = moecal_opts_flag(o, "json");
+
+    s = moecal_amax_data_read(moecal_opts_pos(o, 0),
+                              MOECAL_AMAXREAD_TOKENS | MOECAL_AMAXREAD_HISTORY, &d);
+    if (s != MOECAL_OK)
+        return s;
+    L = d->L;
+    E = d->E;
+    C = d->C;
+    tok = calloc((size_t)L * (size_t)E, sizeof *tok);
+    ids = malloc((size_t)L * 2 * (size_t)E * sizeof *ids);
+    rs = calloc((size_t)L, sizeof *rs);
+    settled = malloc((size_t)L * (size_t)E * 3 * sizeof *settled);
+    late = malloc((size_t)L * (size_t)E * 3);
+    late_sig = malloc((size_t)L * (size_t)E * 3);
+    cs = calloc((size_t)L * 3, sizeof *cs);
+    scratch = malloc((size_t)E * sizeof *scratch);
+    if (!tok || !ids || !rs || !settled || !late || !late_sig || !cs || !scratch) {
+        s = moecal_error_set(MOECAL_ERR_NOMEM, "%s: out of memory for the report", d->path);
+        goto out;
+    }
+
+    /* Routing. */
+    for (int l = 0; l < L; l++) {
+        route_stats *r = &rs[l];
+        int64_t *t = tok + (size_t)l * (size_t)E;
+
+        for (int c = 0; c < C; c++)
+            for (int e = 0; e < E; e++) {
+                int64_t v = d->tokens_per_expert[((size_t)l * (size_t)C + (size_t)c) * (size_t)E
+                                                 + (size_t)e];
+                if (__builtin_add_overflow(t[e], v, &t[e])) {
+                    s = moecal_error_set(MOECAL_ERR_FORMAT, "%s: dataset 'tokens_per_expert' "
+                                         "overflows when summed (layer %d, expert %d)", d->path,
+                                         d->layers[l], e);
+                    goto out;
+                }
+            }
+        r->never = ids + (size_t)l * 2 * (size_t)E;
+        r->cold = r->never + E;
+        r->min = r->max = t[0];
+        for (int e = 0; e < E; e++) {
+            if (__builtin_add_overflow(r->total, t[e], &r->total)) {
+                s = moecal_error_set(MOECAL_ERR_FORMAT, "%s: dataset 'tokens_per_expert' "
+                                     "overflows when summed (layer %d)", d->path, d->layers[l]);
+                goto out;
+            }
+            if (t[e] < r->min)
+                r->min = t[e];
+            if (t[e] > r->max)
+                r->max = t[e];
+            scratch[e] = (double)t[e];
+        }
+        qsort(scratch, (size_t)E, sizeof *scratch, cmp_double);
+        r->median = percentile_sorted(scratch, (size_t)E, 0.5);
+        r->mean = (double)r->total / (double)E;
+        for (int e = 0; e < E; e++) {
+            if (t[e] == 0)
+                r->never[r->n_never++] = e;
+            else if ((double)t[e] < rc->cold * r->mean)
+                r->cold[r->n_cold++] = e;
+        }
+    }
+
+    /* Convergence. */
+    tail = (int)ceil(rc->tail * (double)C - 1e-9);
+    if (tail < 1)
+        tail = 1;
+    if (tail > C)
+        tail = C;
+    pre = C - tail;
+    for (int l = 0; l < L; l++) {
+        size_t off = (size_t)l * (size_t)E * 3;
+
+        conv_layer(d, l, tail, rc->tol, settled + off, late + off, late_sig + off);
+        for (int p = 0; p < 3; p++) {
+            conv_stats *c = &cs[l * 3 + p];
+            conv_summarize(settled + off, late + off, late_sig + off, E, p, scratch, c);
+            tot.calibrated += c->calibrated;
+            tot.late += c->late;
+            tot.late_sig += c->late_sig;
+        }
+    }
+    if (pre > 0 && tot.calibrated > 0 &&
+        (double)tot.late_sig > rc->warn * (double)tot.calibrated)
+        snprintf(warn, sizeof warn, "%s: %lld of %lld calibrated input quantizers (%.1f%%) "
+                 "grew by more than %g%% in the last %d of %d chunks: calibration set may be "
+                 "too small", d->path, tot.late_sig, tot.calibrated,
+                 100.0 * (double)tot.late_sig / (double)tot.calibrated, 100.0 * rc->tol, tail, C);
+
+    if (json) {
+        int ok = 1;
+        json_t *root = json_object(), *routing = json_array(), *conv = json_object();
+        json_t *convl = json_array(), *largest = json_array(), *warns = json_array();
+
+        if (!root || !routing || !conv || !convl || !largest || !warns) {
+            ok = 0;
+        } else {
+            jset(root, "file", json_string(d->path), &ok);
+            jset(root, "model_type", json_string(d->model_type), &ok);
+            jset(root, "mode", json_string(d->mode), &ok);
+            jset(root, "sync", json_string(d->sync), &ok);
+            jset(root, "quant_format", json_string(d->quant_format), &ok);
+            jset(root, "hidden_size", json_integer(d->hidden_size), &ok);
+            jset(root, "n_routed_experts", json_integer(E), &ok);
+            jset(root, "num_experts_per_tok", d->num_experts_per_tok >= 0 ?
+                 json_integer(d->num_experts_per_tok) : json_null(), &ok);
+            jset(root, "layers", jlayers(d, &ok), &ok);
+            jset(root, "chunks", json_integer(C), &ok);
+            jset(root, "tokens", d->tokens >= 0 ? json_integer(d->tokens) : json_null(), &ok);
+            jset(root, "cold_fraction", json_real(rc->cold), &ok);
+        }
+        for (int l = 0; l < L && ok; l++) {
+            const route_stats *r = &rs[l];
+            json_t *e = json_object(), *t = json_array();
+            if (!e || !t) {
+                json_decref(e);
+                json_decref(t);
+                ok = 0;
+                break;
+            }
+            for (int x = 0; x < E; x++)
+                jappend(t, json_integer(tok[(size_t)l * (size_t)E + (size_t)x]), &ok);
+            jset(e, "layer", json_integer(d->layers[l]), &ok);
+            jset(e, "total", json_integer(r->total), &ok);
+            jset(e, "min", json_integer(r->min), &ok);
+            jset(e, "median", json_real(r->median), &ok);
+            jset(e, "max", json_integer(r->max), &ok);
+            jset(e, "mean", json_real(r->mean), &ok);
+            jset(e, "never_routed", ids_json(r->never, r->n_never, &ok), &ok);
+            jset(e, "cold", ids_json(r->cold, r->n_cold, &ok), &ok);
+            jset(e, "tokens_per_expert", t, &ok);
+            jappend(routing, e, &ok);
+        }
+        if (ok) {
+            jset(root, "routing", routing, &ok);
+            routing = NULL;
+            jset(conv, "chunks", json_integer(C), &ok);
+            jset(conv, "tail_chunks", json_integer(tail), &ok);
+            jset(conv, "growth_tolerance", json_real(rc->tol), &ok);
+            jset(conv, "warn_share", json_real(rc->warn), &ok);
+            jset(conv, "calibrated", json_integer(tot.calibrated), &ok);
+            jset(conv, "late_growing", pre > 0 ? json_integer(tot.late) : json_null(), &ok);
+            jset(conv, "late_growing_share", pre > 0 && tot.calibrated > 0 ?
+                 json_real((double)tot.late / (double)tot.calibrated) : json_null(), &ok);
+            jset(conv, "late_significant", pre > 0 ? json_integer(tot.late_sig) : json_null(),
+                 &ok);
+            jset(conv, "late_significant_share", pre > 0 && tot.calibrated > 0 ?
+                 json_real((double)tot.late_sig / (double)tot.calibrated) : json_null(), &ok);
+            jset(conv, "warning", json_boolean(warn[0] != '\0'), &ok);
+        }
+        for (int l = 0; l < L && ok; l++) {
+            json_t *e = json_object(), *g = json_object();
+            if (!e || !g) {
+                json_decref(e);
+                json_decref(g);
+                ok = 0;
+                break;
+            }
+            jset(e, "layer", json_integer(d->layers[l]), &ok);
+            for (int p = 0; p < 3; p++) {
+                const conv_stats *c = &cs[l * 3 + p];
+                json_t *pj = json_object(), *sa = json_array();
+                if (!pj || !sa) {
+                    json_decref(pj);
+                    json_decref(sa);
+                    ok = 0;
+                    break;
+                }
+                for (int x = 0; x < E; x++) {
+                    int v = settled[((size_t)l * (size_t)E + (size_t)x) * 3 + (size_t)p];
+                    jappend(sa, v >= 0 ? json_integer(v) : json_null(), &ok);
+                }
+                jset(pj, "calibrated", json_integer(c->calibrated), &ok);
+                jset(pj, "settled_chunk", sa, &ok);
+                jset(pj, "settled_median", c->calibrated ? json_real(c->settled_median)
+                                                         : json_null(), &ok);
+                jset(pj, "settled_p95", c->calibrated ? json_real(c->settled_p95)
+                                                      : json_null(), &ok);
+                jset(pj, "settled_max", c->calibrated ? json_integer(c->settled_max)
+                                                      : json_null(), &ok);
+                jset(pj, "late_growing", pre > 0 ? json_integer(c->late) : json_null(), &ok);
+                jset(pj, "late_significant", pre > 0 ? json_integer(c->late_sig) : json_null(),
+                     &ok);
+                jset(g, proj_name[p], pj, &ok);
+            }
+            jset(e, "projections", g, &ok);
+            jappend(convl, e, &ok);
+        }
+        if (ok) {
+            jset(conv, "layers", convl, &ok);
+            convl = NULL;
+            jset(root, "convergence", conv, &ok);
+            conv = NULL;
+        }
+        for (int l = 0; l < L && ok; l++) {
+            json_t *e = json_object();
+            if (!e) {
+                ok = 0;
+                break;
+            }
+            jset(e, "layer", json_integer(d->layers[l]), &ok);
+            for (int p = 0; p < 3; p++) {
+                json_t *pj = json_object();
+                int bi = 0, bw = 0;
+                for (int x = 1; x < E; x++) {
+                    if (d->input_amax_calibrated[moecal_amax_idx(d, l, x, p)] >
+                        d->input_amax_calibrated[moecal_amax_idx(d, l, bi, p)])
+                        bi = x;
+                    if (d->weight_amax[moecal_amax_idx(d, l, x, p)] >
+                        d->weight_amax[moecal_amax_idx(d, l, bw, p)])
+                        bw = x;
+                }
+                if (!pj) {
+                    ok = 0;
+                    break;
+                }
+                jset(pj, "input", json_real(d->input_amax_calibrated[moecal_amax_idx(d, l, bi,
+                                                                                     p)]), &ok);
+                jset(pj, "input_expert", json_integer(bi), &ok);
+                jset(pj, "weight", json_real(d->weight_amax[moecal_amax_idx(d, l, bw, p)]), &ok);
+                jset(pj, "weight_expert", json_integer(bw), &ok);
+                jset(e, proj_name[p], pj, &ok);
+            }
+            jappend(largest, e, &ok);
+        }
+        if (ok) {
+            jset(root, "largest", largest, &ok);
+            largest = NULL;
+            if (warn[0])
+                jappend(warns, json_string(warn), &ok);
+            jset(root, "warnings", warns, &ok);
+            warns = NULL;
+        }
+        json_decref(routing);
+        json_decref(conv);
+        json_decref(convl);
+        json_decref(largest);
+        json_decref(warns);
+        s = print_json(root, ok);
+    } else {
+        char ls[256];
+
+        moecal_amax_layers_str(d->layers, L, ls, sizeof ls);
+        printf("# moecal report: %s\n", d->path);
+        printf("# model %s, hidden %lld, %d experts", d->model_type, (long long)d->hidden_size, E);
+        if (d->num_experts_per_tok >= 0)
+            printf(", top-%lld", (long long)d->num_experts_per_tok);
+        printf("; mode %s, sync %s%s%s\n", d->mode, d->sync[0] ? d->sync : "?",
+               d->quant_format[0] ? ", " : "", d->quant_format);
+        printf("# %d MoE layer%s (%s), %d chunk%s", L, L == 1 ? "" : "s", ls, C,
+               C == 1 ? "" : "s");
+        if (d->tokens >= 0)
+            printf(", %lld tokens per layer", (long long)d->tokens);
+        printf("\n\n");
+
+        printf("Routing: tokens per expert, summed over chunks (cold: routed, but fewer than "
+               "%g x the layer mean)\n", rc->cold);
+        printf("  %6s  %12s  %10s  %12s  %10s  %12s  %5s  %5s\n", "layer", "total", "min",
+               "median", "max", "mean", "never", "cold");
+        for (int l = 0; l < L; l++) {
+            const route_stats *r = &rs[l];
+            printf("  %6d  %12lld  %10lld  %12.1f  %10lld  %12.1f  %5d  %5d\n", d->layers[l],
+                   (long long)r->total, (long long)r->min, r->median, (long long)r->max,
+                   r->mean, r->n_never, r->n_cold);
+        }
+        for (int l = 0; l < L; l++) {
+            const route_stats *r = &rs[l];
+            if (r->n_never == 0 && r->n_cold == 0)
+                continue;
+            printf("  layer %d:\n", d->layers[l]);
+            if (r->n_never)
+                print_ids("never routed", r->never, r->n_never, NULL);
+            if (r->n_cold)
+                print_ids("cold", r->cold, r->n_cold,
+                          tok + (size_t)l * (size_t)E);
+        }
+
+        printf("\nConvergence of the input amax over %d chunk%s (settled: the chunk in which the "
+               "running max reached its final value;\n", C, C == 1 ? "" : "s");
+        if (pre > 0)
+            printf("late: still grew in the last %d chunk%s; >%g%%: grew by more than that)\n",
+                   tail, tail == 1 ? "" : "s", 100.0 * rc->tol);
+        else
+            printf("a single chunk shows no convergence: rerun with smaller --chunk-tokens)\n");
+        {
+            char tolh[32];
+            snprintf(tolh, sizeof tolh, ">%g%%", 100.0 * rc->tol);
+            printf("  %6s  %4s  %10s  %14s  %11s  %11s  %8s  %8s\n", "layer", "proj",
+                   "calibrated", "settled median", "settled p95", "settled max", "late", tolh);
+        }
+        for (int l = 0; l < L; l++)
+            for (int p = 0; p < 3; p++) {
+                const conv_stats *c = &cs[l * 3 + p];
+                char late_s[32], sig_s[32];
+                if (pre > 0) {
+                    snprintf(late_s, sizeof late_s, "%lld", c->late);
+                    snprintf(sig_s, sizeof sig_s, "%lld", c->late_sig);
+                } else {
+                    snprintf(late_s, sizeof late_s, "-");
+                    snprintf(sig_s, sizeof sig_s, "-");
+                }
+                if (c->calibrated)
+                    printf("  %6d  %4s  %10lld  %14.1f  %11.1f  %11d  %8s  %8s\n", d->layers[l],
+                           proj_name[p], c->calibrated, c->settled_median, c->settled_p95,
+                           c->settled_max, late_s, sig_s);
+                else
+                    printf("  %6d  %4s  %10lld  %14s  %11s  %11s  %8s  %8s\n", d->layers[l],
+                           proj_name[p], 0LL, "-", "-", "-", late_s, sig_s);
+            }
+        if (pre > 0 && tot.calibrated > 0) {
+            char a1[16], a2[16];
+            pct_str(tot.late, tot.calibrated, a1, sizeof a1);
+            pct_str(tot.late_sig, tot.calibrated, a2, sizeof a2);
+            printf("  all: %lld calibrated quantizers, %s still grew in the last %d chunk%s, "
+                   "%s by more than %g%%\n", tot.calibrated, a1, tail, tail == 1 ? "" : "s", a2,
+                   100.0 * rc->tol);
+        }
+
+        printf("\nLargest amax per layer and projection (input: per expert before any sync; "
+               "expert in parentheses)\n");
+        printf("  %6s  %4s  %14s  %8s  %14s  %8s\n", "layer", "proj", "input", "(expert)",
+               "weight", "(expert)");
+        for (int l = 0; l < L; l++)
+            for (int p = 0; p < 3; p++) {
+                int bi = 0, bw = 0;
+                char ei[16], ew[16];
+                for (int x = 1; x < E; x++) {
+                    if (d->input_amax_calibrated[moecal_amax_idx(d, l, x, p)] >
+                        d->input_amax_calibrated[moecal_amax_idx(d, l, bi, p)])
+                        bi = x;
+                    if (d->weight_amax[moecal_amax_idx(d, l, x, p)] >
+                        d->weight_amax[moecal_amax_idx(d, l, bw, p)])
+                        bw = x;
+                }
+                snprintf(ei, sizeof ei, "(%d)", bi);
+                snprintf(ew, sizeof ew, "(%d)", bw);
+                printf("  %6d  %4s  %14.6g  %8s  %14.6g  %8s\n", d->layers[l], proj_name[p],
+                       (double)d->input_amax_calibrated[moecal_amax_idx(d, l, bi, p)], ei,
+                       (double)d->weight_amax[moecal_amax_idx(d, l, bw, p)], ew);
+            }
+        s = flush_stdout();
+    }
+    if (warn[0])
+        moecal_warn("%s", warn);
+out:
+    free(tok);
+    free(ids);
+    free(rs);
+    free(settled);
+    free(late);
+    free(late_sig);
+    free(cs);
+    free(scratch);
+    moecal_amax_data_free(d);
+    return s;
 }
 
 int moecal_cmd_report(int argc, char **argv)
 {
-    (void)argc; (void)argv;
-    moecal_error_set(MOECAL_ERR_UNSUPPORTED, "'moecal report' is not available in moecal %s",
-                     PACKAGE_VERSION);
-    moecal_fatal_all(MOECAL_ERR_USAGE);
+    moecal_opts *o = NULL;
+    moecal_status s = MOECAL_OK;
+    report_cfg rc;
+
+    if (parse_opts("report", report_optdefs, "OUT.h5", report_summary, 1, argc, argv, &o))
+        return 0;
+    rc.cold = float_opt(o, "report", "cold-fraction", 0.0, 1.0);
+    rc.tail = float_opt(o, "report", "tail-fraction", 1e-9, 1.0);
+    rc.tol = float_opt(o, "report", "growth-tolerance", 0.0, 1e9);
+    rc.warn = float_opt(o, "report", "warn-share", 0.0, 1.0);
+    if (moecal_world_rank() == 0)
+        s = report_run(o, &rc);
+    moecal_opts_free(o);
+    moecal_check_all(s);
+    return 0;
 }

@@ -91,27 +91,40 @@ _Noreturn void moecal_fatal_all(moecal_status s)
 
 void moecal_check_all(moecal_status local)
 {
-    /* (any rank failed, largest exit code among the failed ranks) */
-    int mine[2], first[2];
+    /* {failed?, exit code} reduced with MAX, and the lowest failed rank with
+     * MIN: when every rank failed (the same deterministic error, as a bad
+     * input found by all), only that rank prints; otherwise each failed rank
+     * prints its own message. */
+    int mine[3], red[3];
 
     if (!mpi_started || world_size == 1) {
         if (local != MOECAL_OK)
             moecal_fatal(local);
         return;
     }
-    mine[0] = local != MOECAL_OK ? 1 : 0;
+    mine[0] = local != MOECAL_OK;
     mine[1] = local != MOECAL_OK ? moecal_status_exit_code(local) : 0;
-    if (MPI_Allreduce(mine, first, 2, MPI_INT, MPI_MAX, MPI_COMM_WORLD) != MPI_SUCCESS) {
+    mine[2] = local != MOECAL_OK && local != MOECAL_ERR_PEER ? 1 : 0;
+    if (MPI_Allreduce(mine, red, 2, MPI_INT, MPI_MAX, MPI_COMM_WORLD) != MPI_SUCCESS ||
+        MPI_Allreduce(&mine[2], &red[2], 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD) != MPI_SUCCESS) {
         if (local == MOECAL_OK)
             moecal_error_set(MOECAL_ERR_MPI, "MPI_Allreduce of the error state failed");
         moecal_fatal(local != MOECAL_OK ? local : MOECAL_ERR_MPI);
     }
-    if (first[0] == 0)
+    if (red[0] == 0)
         return;
-    if (local != MOECAL_OK && local != MOECAL_ERR_PEER)
-        print_error(local);
+    if (mine[2]) {
+        int first = world_rank, lowest;
+        if (red[2] < world_size) {
+            print_error(local);
+        } else {
+            MPI_Allreduce(&first, &lowest, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+            if (lowest == world_rank)
+                print_error(local);
+        }
+    }
     moecal_runtime_finalize();
-    exit(first[1] ? first[1] : MOECAL_EXIT_FAILURE);
+    exit(red[1] ? red[1] : MOECAL_EXIT_FAILURE);
 }
 
 void moecal_set_verbosity(int rank0_level, int all_level)

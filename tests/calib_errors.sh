@@ -17,8 +17,9 @@ expect_msg "tiny/activations.h5 has hidden size .* but the model .*demo/config.j
 expect_fail 2 $MPIEXEC -n 2 "$MOECAL" calibrate --backend cpu -m "$TMPDIR/demo" --layers 0 -o "$TMPDIR/x.h5"
 expect_msg "layer 0 is not a MoE layer"
 
-# An expert tensor missing on the last rank only: every rank stops, with
-# that rank's message naming the tensor.
+# An expert tensor the index places in a shard that lacks it: only the rank
+# owning that expert finds out (when it loads the layer); every rank stops,
+# with that rank's message naming the tensor and the shard.
 cp -r "$TMPDIR/demo" "$TMPDIR/broken"
 "$PYTHON3" - "$TMPDIR/broken" <<'PY' || fail "cannot edit the index"
 import json, sys
@@ -27,12 +28,30 @@ idx = json.load(open(p))
 cfg = json.load(open(sys.argv[1] + "/config.json"))
 L = cfg["num_hidden_layers"] - 1
 E = cfg["n_routed_experts"] - 1
-del idx["weight_map"][f"model.layers.{L}.mlp.experts.{E}.up_proj.weight"]
+name = f"model.layers.{L}.mlp.experts.{E}.up_proj.weight"
+shards = sorted(set(idx["weight_map"].values()))
+other = [s for s in shards if s != idx["weight_map"][name]][0]
+idx["weight_map"][name] = other
 json.dump(idx, open(p, "w"))
 PY
-expect_fail any $MPIEXEC -n 3 "$MOECAL" calibrate --backend cpu -m "$TMPDIR/broken" -o "$TMPDIR/x.h5"
-expect_msg "rank 2 .*experts\.[0-9]+\.up_proj\.weight"
+expect_fail 3 $MPIEXEC -n 3 "$MOECAL" calibrate --backend cpu -m "$TMPDIR/broken" -o "$TMPDIR/x.h5"
+expect_msg "rank 2 .*experts\.31\.up_proj\.weight"
+[ "$(grep -c "moecal: error" "$TMPDIR/stderr")" = 1 ] || fail "expected one message, from rank 2"
 [ ! -e "$TMPDIR/x.h5" ] || fail "output left after a failed run"
+
+# A tensor missing from the index altogether is found by every rank before
+# any compute, and reported once.
+cp -r "$TMPDIR/demo" "$TMPDIR/broken2"
+"$PYTHON3" - "$TMPDIR/broken2" <<'PY' || fail "cannot edit the index"
+import json, sys
+p = sys.argv[1] + "/model.safetensors.index.json"
+idx = json.load(open(p))
+del idx["weight_map"]["model.layers.2.mlp.experts.5.down_proj.weight"]
+json.dump(idx, open(p, "w"))
+PY
+expect_fail 3 $MPIEXEC -n 3 "$MOECAL" calibrate --backend cpu -m "$TMPDIR/broken2" -o "$TMPDIR/x.h5"
+expect_msg "experts\.5\.down_proj\.weight"
+[ "$(grep -c "moecal: error" "$TMPDIR/stderr")" = 1 ] || fail "expected one message"
 
 # NaN rows: an error naming layer and token by default, skipped on request.
 cp -r "$TMPDIR/demo" "$TMPDIR/nan"

@@ -21,8 +21,9 @@ MOECAL_FAKE_NODES=3 cal 3 "$TMPDIR/n3.h5" --chunk-tokens 1000
 check_amax same "$TMPDIR/p1.h5" "$TMPDIR/n3.h5"
 cal 2 "$TMPDIR/c.h5" --chunk-tokens 777
 check_amax same "$TMPDIR/p1.h5" "$TMPDIR/c.h5"
-# More ranks than experts of a layer would leave ranks without experts.
-run "$MOECAL" synth --preset tiny -o "$TMPDIR/tiny" >/dev/null
+# More ranks than experts: a rank with no expert still takes part.
+run "$MOECAL" synth --preset tiny --experts 3 --groups 1 --topk-groups 1 --topk 2 \
+    --never-routed 1 -o "$TMPDIR/tiny" >/dev/null
 run_mpi 1 "$MOECAL" calibrate --backend cpu --quiet -m "$TMPDIR/tiny" -o "$TMPDIR/t1.h5"
 run_mpi 4 "$MOECAL" calibrate --backend cpu --quiet -m "$TMPDIR/tiny" -o "$TMPDIR/t4.h5" --chunk-tokens 100
 check_amax same "$TMPDIR/t1.h5" "$TMPDIR/t4.h5"

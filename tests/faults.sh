@@ -11,7 +11,8 @@ cal() { local n=$1; shift; $MPIEXEC -n "$n" "$MOECAL" calibrate --backend cpu --
 run cal 4 -o "$TMPDIR/full.h5"
 
 # SIGKILL one of 4 ranks in the middle of the run.
-MOECAL_TEST_CHUNK_DELAY_MS=150 cal 4 -o "$TMPDIR/k.h5" --checkpoint-every 2 &
+MOECAL_TEST_CHUNK_DELAY_MS=150 $MPIEXEC -n 4 "$MOECAL" calibrate --backend cpu --quiet \
+    -m "$TMPDIR/demo" --chunk-tokens 1000 -o "$TMPDIR/k.h5" --checkpoint-every 2 &
 pid=$!
 for _ in $(seq 100); do [ -e "$TMPDIR/k.ckpt.h5" ] && break; sleep 0.1; done
 [ -e "$TMPDIR/k.ckpt.h5" ] || fail "no checkpoint appeared"
@@ -32,14 +33,14 @@ check_amax identical "$TMPDIR/full.h5" "$TMPDIR/k.h5"
 # Disk full: a small tmpfs (needs root and mount).
 mnt=$TMPDIR/tiny
 mkdir -p "$mnt"
-if [ "$(id -u)" -eq 0 ] && mount -t tmpfs -o size=160k tmpfs "$mnt" 2>/dev/null; then
+if [ "$(id -u)" -eq 0 ] && mount -t tmpfs -o size=640k tmpfs "$mnt" 2>/dev/null; then
     trap 'umount "$mnt" 2>/dev/null' RETURN
     # the checkpoint fits; the final output and the next checkpoint do not
     # once the filler takes the room left
     MOECAL_TEST_STOP_AT_STEP=2 cal 2 -o "$mnt/d.h5" --checkpoint-every 1
     [ -f "$mnt/d.ckpt.h5" ] || { umount "$mnt"; fail "no checkpoint on the tmpfs"; }
     cp "$mnt/d.ckpt.h5" "$TMPDIR/ckpt-before.h5"
-    dd if=/dev/zero of="$mnt/filler" bs=1k count=1000 2>/dev/null
+    dd if=/dev/zero of="$mnt/filler" bs=1k count=2000 2>/dev/null
     expect_fail 4 $MPIEXEC -n 2 "$MOECAL" calibrate --backend cpu --quiet -m "$TMPDIR/demo" \
         --chunk-tokens 1000 -o "$mnt/d.h5" --checkpoint-every 1 --resume
     expect_msg "No space left on device"

@@ -42,7 +42,8 @@ run cal 2 -o "$TMPDIR/o.h5" --resume
 check_amax same "$TMPDIR/full.h5" "$TMPDIR/o.h5"
 
 # One job per output: a second job on the same path refuses to start.
-MOECAL_TEST_CHUNK_DELAY_MS=300 cal 2 -o "$TMPDIR/busy.h5" &
+MOECAL_TEST_CHUNK_DELAY_MS=300 $MPIEXEC -n 2 "$MOECAL" calibrate --backend cpu --quiet \
+    -m "$TMPDIR/demo" --chunk-tokens 1000 -o "$TMPDIR/busy.h5" &
 first=$!
 for _ in $(seq 50); do [ -e "$TMPDIR/busy.h5.lock" ] && break; sleep 0.1; done
 sleep 1
@@ -52,7 +53,9 @@ expect_msg "being written by another moecal job"
 wait $first || fail "the first job failed"
 
 # A real SIGUSR1 to mpiexec reaches every rank: checkpoint, exit 75, resume.
-MOECAL_TEST_CHUNK_DELAY_MS=200 cal 3 -o "$TMPDIR/sig.h5" &
+# (mpiexec itself in the background, so that the signal reaches it)
+MOECAL_TEST_CHUNK_DELAY_MS=400 $MPIEXEC -n 3 "$MOECAL" calibrate --backend cpu --quiet \
+    -m "$TMPDIR/demo" --chunk-tokens 1000 -o "$TMPDIR/sig.h5" &
 pid=$!
 sleep 3
 kill -USR1 $pid
