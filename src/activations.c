@@ -901,6 +901,7 @@ moecal_status moecal_act_scan_nonfinite(const moecal_act *a, const uint16_t *row
 struct moecal_act_writer {
     char *path, *tmp;
     hid_t file, ftype, mtype;   /* mtype: 16-bit memory type (bf16/f16), or float */
+    hid_t gcpl;                 /* groups: no modification times */
     int n_layers;
     int *layers;
     hid_t *dsets;
@@ -955,6 +956,7 @@ static void writer_free(moecal_act_writer *w)
         for (int i = 0; i < w->n_layers; i++)
             h5_close(&w->dsets[i]);
     h5_close(&w->ftype);
+    h5_close(&w->gcpl);
     if (w->mtype >= 0 && w->mtype != H5T_NATIVE_FLOAT)
         h5_close(&w->mtype);
     h5_close(&w->file);
@@ -986,10 +988,12 @@ static moecal_status create_layer(moecal_act_writer *w, int i)
     moecal_status st = MOECAL_OK;
 
     snprintf(name, sizeof name, "/layers/%d", w->layers[i]);
-    if ((g = H5Gcreate2(w->file, name, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT)) < 0 ||
+    /* No modification times in object headers: same data, same bytes. */
+    if ((g = H5Gcreate2(w->file, name, H5P_DEFAULT, w->gcpl, H5P_DEFAULT)) < 0 ||
         (space = H5Screate_simple(2, dims, NULL)) < 0 ||
         (dcpl = H5Pcreate(H5P_DATASET_CREATE)) < 0 || H5Pset_chunk(dcpl, 2, chunk) < 0 ||
         H5Pset_fill_time(dcpl, H5D_FILL_TIME_NEVER) < 0 ||
+        H5Pset_obj_track_times(dcpl, 0) < 0 ||
         (w->dsets[i] = H5Dcreate2(g, "hidden", w->ftype, space, H5P_DEFAULT, dcpl,
                                   H5P_DEFAULT)) < 0)
         st = h5_fail(MOECAL_ERR_IO, "%s: cannot create dataset %s/hidden [%lld, %d]", w->tmp,
@@ -1031,7 +1035,7 @@ moecal_status moecal_act_create(const char *path, int64_t tokens, int hidden,
     h5_quiet();
     if (!(w = calloc(1, sizeof *w)))
         return moecal_error_set(MOECAL_ERR_NOMEM, "%s: out of memory", path);
-    w->file = w->ftype = w->mtype = -1;
+    w->file = w->ftype = w->mtype = w->gcpl = -1;
     w->T = tokens;
     w->H = hidden;
     w->dtype = dtype;
@@ -1077,6 +1081,13 @@ moecal_status moecal_act_create(const char *path, int64_t tokens, int hidden,
         writer_free(w);
         return st;
     }
+    if ((w->gcpl = H5Pcreate(H5P_GROUP_CREATE)) < 0 || H5Pset_obj_track_times(w->gcpl, 0) < 0) {
+        st = h5_fail(MOECAL_ERR_HDF5, "%s: cannot create a property list", path);
+        free(w->tmp);
+        w->tmp = NULL;
+        writer_free(w);
+        return st;
+    }
     w->file = H5Fcreate(w->tmp, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
     if (w->file < 0) {
         st = h5_fail(MOECAL_ERR_IO, "%s: cannot create the activation file", w->tmp);
@@ -1092,7 +1103,7 @@ moecal_status moecal_act_create(const char *path, int64_t tokens, int hidden,
         (st = write_i64_attr(w->tmp, w->file, "hidden_size", hidden)) != MOECAL_OK ||
         (st = write_str_attr(w->tmp, w->file, "dtype", dtype_word(dtype))) != MOECAL_OK)
         goto fail;
-    if ((lg = H5Gcreate2(w->file, "layers", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT)) < 0) {
+    if ((lg = H5Gcreate2(w->file, "layers", H5P_DEFAULT, w->gcpl, H5P_DEFAULT)) < 0) {
         st = h5_fail(MOECAL_ERR_IO, "%s: cannot create group /layers", w->tmp);
         goto fail;
     }

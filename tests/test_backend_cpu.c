@@ -8,6 +8,8 @@
  * the middle, a cold expert, a one-token expert, a hot expert spanning
  * several GEMM blocks, skipped rows, all-experts mode, and 1 vs 2 threads.
  */
+#include "config.h"
+
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>

@@ -1,0 +1,51 @@
+#!/bin/bash
+# bench/run-gpu-bench.sh - on a GPU machine: the CUDA backend's comparison
+# test against the CPU backend, compute-sanitizer (memcheck, racecheck,
+# synccheck) on small cases, then the benchmark.  Logs go to OUTDIR; a short
+# table is printed last.
+#   bench/run-gpu-bench.sh BINDIR [OUTDIR] [bench options...]
+# BINDIR holds test_backend_cuda and bench_cuda (built on the build machine;
+# /work/shared/tools/gpu-bundle copies them with their libraries).
+set -u
+bin=$(cd "${1:?usage: run-gpu-bench.sh BINDIR [OUTDIR] [bench options]}" && pwd)
+out=${2:-${OUT:-.}}
+shift $(( $# >= 2 ? 2 : 1 ))
+mkdir -p "$out"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+
+q=name,pci.bus_id,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw
+nvidia-smi --query-gpu=$q --format=csv >"$out/gpu.txt" 2>&1
+t0=$(date +%s)
+"$bin/test_backend_cuda" >"$out/test.log" 2>&1
+rc_test=$?
+t1=$(date +%s)
+
+# Small cases under the sanitizers (a filter per run: cmocka test names)
+san() { # tool case...
+    local tool=$1 rc=0 c; shift
+    for c in "$@"; do
+        compute-sanitizer --tool "$tool" --error-exitcode 9 ${SAN_EXTRA:-} \
+            "$bin/test_backend_cuda" "$c" >>"$out/$tool.log" 2>&1 || rc=$?
+    done
+    echo $rc
+}
+rc_mem=$(SAN_EXTRA="--leak-check full" san memcheck test_deepseek_odd_shapes \
+    test_deepseek_h200_i72 test_skip_rows test_all_experts test_empty_range_and_chunk \
+    test_async_misuse test_nonfinite_weights_refused test_memory_limit_and_device)
+rc_race=$(san racecheck test_deepseek_odd_shapes test_deepseek_h200_i72 test_all_experts)
+rc_sync=$(san synccheck test_deepseek_odd_shapes test_all_experts)
+t2=$(date +%s)
+
+"$bin/bench_cuda" "$@" >"$out/bench.log" 2>&1
+rc_bench=$?
+t3=$(date +%s)
+
+echo "== test_backend_cuda (rc $rc_test, $((t1 - t0)) s)"
+grep -E "^\[  (PASSED|FAILED|  ERROR|   LINE) |FAILED TEST|skipped" "$out/test.log" | head -20
+for t in memcheck racecheck synccheck; do
+    sum=$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/$t.log" | sort | uniq -c | tr '\n' ' ')
+    echo "== compute-sanitizer $t: $sum"
+done
+echo "   (memcheck rc $rc_mem, racecheck rc $rc_race, synccheck rc $rc_sync, $((t2 - t1)) s)"
+echo "== bench_cuda (rc $rc_bench, $((t3 - t2)) s)"
+tail -n 40 "$out/bench.log"

@@ -1,0 +1,613 @@
+/* kernels.cuh - device kernels of the CUDA backend (see backend_cuda.cu).
+ *
+ * bf16 values travel as their uint16_t bit patterns.  |x| of a bf16 is its
+ * bits & 0x7fff, and non-negative floats (NaN above Inf) order like their
+ * bit patterns as unsigned integers, so every amax here is an integer max:
+ * exact, order-independent, and NaN-propagating as the CPU backend is.
+ */
+#ifndef MOECAL_CUDA_KERNELS_CUH
+#define MOECAL_CUDA_KERNELS_CUH
+
+#include <stdint.h>
+
+#include <cub/block/block_scan.cuh>
+
+#include "route_math.h"
+
+namespace moecal_cuda {
+/* internal linkage: each translation unit that includes this (the backend,
+ * the benchmark) has its own copy of the kernels */
+namespace {
+
+/* ------------------------------------------------------------------ helpers */
+
+__device__ __forceinline__ float bf16_to_f(uint16_t u)
+{
+    return __uint_as_float((unsigned)u << 16);
+}
+
+/* Round to the nearest bf16 (ties to even), as a float; NaN stays NaN.  The
+ * same bit operation as the CPU backend's round_bf16. */
+__device__ __forceinline__ float round_bf16(float x)
+{
+    unsigned u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) <= 0x7f800000u) {
+        u += 0x7fffu + ((u >> 16) & 1u);
+        u &= 0xffff0000u;
+    }
+    return __uint_as_float(u);
+}
+
+__device__ __forceinline__ unsigned warp_max(unsigned v)
+{
+    for (int o = 16; o > 0; o >>= 1)
+        v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+/* Max over the block (blockDim.x a multiple of 32, at most 1024); the result
+ * is valid in thread 0. */
+__device__ __forceinline__ unsigned block_max(unsigned v)
+{
+    __shared__ unsigned part[32];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    v = warp_max(v);
+    if (lane == 0)
+        part[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        v = lane < (int)(blockDim.x >> 5) ? part[lane] : 0u;
+        v = warp_max(v);
+    }
+    return v;
+}
+
+/* ------------------------------------------------------------------ row max */
+
+/* rowmax[t] = max |x[t][:]| as bf16 magnitude bits (NaN if any NaN).  One
+ * warp per row; VEC: H % 8 == 0, rows 16-byte aligned. */
+template <bool VEC>
+__global__ void k_rowmax(const uint16_t *__restrict__ x, int64_t n, int H,
+                         unsigned *__restrict__ rowmax)
+{
+    const int lane = threadIdx.x & 31;
+    int64_t row = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (row >= n)
+        return;
+    const uint16_t *r = x + row * (int64_t)H;
+    unsigned m = 0;
+    if (VEC) {
+        const uint4 *v = reinterpret_cast<const uint4 *>(r);
+        unsigned m2 = 0;
+        for (int i = lane; i < H / 8; i += 32) {
+            uint4 q = __ldg(v + i);
+            m2 = __vmaxu2(m2, q.x & 0x7fff7fffu);
+            m2 = __vmaxu2(m2, q.y & 0x7fff7fffu);
+            m2 = __vmaxu2(m2, q.z & 0x7fff7fffu);
+            m2 = __vmaxu2(m2, q.w & 0x7fff7fffu);
+        }
+        m = max(m2 & 0xffffu, m2 >> 16);
+    } else {
+        for (int i = lane; i < H; i += 32)
+            m = max(m, (unsigned)(r[i] & 0x7fffu));
+    }
+    m = warp_max(m);
+    if (lane == 0)
+        rowmax[row] = m;
+}
+
+/* ------------------------------------------------------------------ logits */
+
+/* logits[t][e] = (float) sum_h x[t][h] * g[e][h] in double, ascending h: the
+ * arithmetic of moecal_route_logit (route_math.h), tiled.  Each output is one
+ * accumulator that walks h in order; tiles only decide which thread owns it.
+ * 8 x 8 doubles per thread: 64 FMA per 16 shared loads (a first kernel with
+ * 8 x 4, 32 FMA per 8 loads of which half were 4-way broadcasts, reached 16.9
+ * FP64 TFLOP/s on an H100; this one 19.6).  Block: 128 threads, 64 tokens x
+ * 128 experts, k-tiles of 16; thread (ty, tx) owns tokens ty*8 .. ty*8+7 and
+ * experts tx + 16 j (conflict-free loads).  blockIdx.x walks the expert
+ * tiles, so the blocks that share a token tile run together and read it from
+ * HBM once.  VEC: H % 8 == 0 (16-byte loads of x and g rows). */
+enum { LG_BT = 64, LG_BE = 128, LG_BK = 16, LG_THREADS = 128 };
+
+template <bool VEC>
+__global__ void __launch_bounds__(LG_THREADS, 2)
+k_logits(const uint16_t *__restrict__ x, const float *__restrict__ g, int64_t n, int H, int E,
+          float *__restrict__ logits)
+{
+    __shared__ __align__(16) double xs[LG_BK][LG_BT];
+    __shared__ __align__(16) double gs[LG_BK][LG_BE];
+    const int tid = threadIdx.x;
+    const int ty = tid >> 4, tx = tid & 15;
+    const int e0 = blockIdx.x * LG_BE;
+    const int64_t t0 = (int64_t)blockIdx.y * LG_BT;
+
+    /* loaders: x, token tid/2, k half tid%2 (8 values); g, expert tid, all
+     * 16 k of the tile */
+    const int lx_t = tid >> 1, lx_k = (tid & 1) * 8;
+    const bool x_ok = t0 + lx_t < n, g_ok = e0 + tid < E;
+    const uint16_t *xrow = x + (x_ok ? (t0 + lx_t) * (int64_t)H : 0);
+    const float *grow = g + (g_ok ? (int64_t)(e0 + tid) * H : 0);
+
+    double acc[8][8];
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+            acc[i][j] = 0.0;
+
+    uint4 xq;
+    float gv[16];
+    auto load = [&](int k0) {
+        if (VEC) {
+            xq = make_uint4(0, 0, 0, 0);
+            if (x_ok && k0 + lx_k < H)
+                xq = __ldg(reinterpret_cast<const uint4 *>(xrow + k0 + lx_k));
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                float4 f = make_float4(0.f, 0.f, 0.f, 0.f);
+                if (g_ok && k0 + 4 * q < H)
+                    f = __ldg(reinterpret_cast<const float4 *>(grow + k0 + 4 * q));
+                gv[4 * q] = f.x;
+                gv[4 * q + 1] = f.y;
+                gv[4 * q + 2] = f.z;
+                gv[4 * q + 3] = f.w;
+            }
+        } else {
+            unsigned w[4];
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                int k = k0 + lx_k + 2 * q;
+                unsigned lo = (x_ok && k < H) ? xrow[k] : 0u;
+                unsigned hi = (x_ok && k + 1 < H) ? xrow[k + 1] : 0u;
+                w[q] = lo | (hi << 16);
+            }
+            xq = make_uint4(w[0], w[1], w[2], w[3]);
+#pragma unroll
+            for (int i = 0; i < 16; i++)
+                gv[i] = (g_ok && k0 + i < H) ? grow[k0 + i] : 0.0f;
+        }
+    };
+
+    load(0);
+    for (int k0 = 0; k0 < H; k0 += LG_BK) {
+        __syncthreads(); /* the previous tile is consumed */
+        {
+            const unsigned w[4] = {xq.x, xq.y, xq.z, xq.w};
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                xs[lx_k + 2 * q][lx_t] = (double)bf16_to_f((uint16_t)(w[q] & 0xffff));
+                xs[lx_k + 2 * q + 1][lx_t] = (double)bf16_to_f((uint16_t)(w[q] >> 16));
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 16; i++)
+            gs[i][tid] = (double)gv[i];
+        __syncthreads();
+        if (k0 + LG_BK < H)
+            load(k0 + LG_BK); /* in flight while this tile is multiplied */
+#pragma unroll
+        for (int kk = 0; kk < LG_BK; kk++) {
+            double a[8], b[8];
+            const double2 *xa = reinterpret_cast<const double2 *>(&xs[kk][ty * 8]);
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                double2 v = xa[i];
+                a[2 * i] = v.x;
+                a[2 * i + 1] = v.y;
+            }
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+                b[j] = gs[kk][tx + 16 * j];
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+#pragma unroll
+                for (int j = 0; j < 8; j++)
+                    acc[i][j] = fma(a[i], b[j], acc[i][j]);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        int64_t t = t0 + ty * 8 + i;
+        if (t >= n)
+            break;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            int e = e0 + tx + 16 * j;
+            if (e < E)
+                logits[t * E + e] = __double2float_rn(acc[i][j]);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ selection */
+
+/* The router of router.c, one thread per token, with route_math.h's exp.
+ * Per-token scratch lives in dynamic shared memory, transposed (element j of
+ * thread i at [j * nt + i]) so that threads at the same step hit distinct
+ * banks.  Layout in 4-byte words, per token: choice [E], gscore [G], tv [KG],
+ * ti [KG], gi [G], keep [G] with KG = max(k, G). */
+struct select_params {
+    int E, k, G, TG;
+    int grouped;      /* 1 < G and TG < G */
+    int sigmoid;      /* 1 sigmoid, 0 softmax */
+    int has_bias;
+    int words;        /* per-token words of scratch */
+};
+
+__host__ __device__ inline int select_words(int E, int k, int G)
+{
+    int KG = k > G ? k : G;
+    return E + G + 2 * KG + 2 * G;
+}
+
+__device__ __forceinline__ float no_nan(float v)
+{
+    return v == v ? v : -__int_as_float(0x7f800000);
+}
+
+/* Offer (v, i) to the descending list tv/ti (stride nt) of *cnt <= cap
+ * entries; candidates arrive in ascending index order, so an equal value
+ * never overtakes a lower index. */
+__device__ __forceinline__ void top_push(float *tv, int *ti, int nt, int *cnt, int cap, float v,
+                                         int i)
+{
+    int p = *cnt;
+    if (p == cap) {
+        if (!(v > tv[(cap - 1) * nt]))
+            return;
+        p = cap - 1;
+    } else {
+        (*cnt)++;
+    }
+    while (p > 0 && v > tv[(p - 1) * nt]) {
+        tv[p * nt] = tv[(p - 1) * nt];
+        ti[p * nt] = ti[(p - 1) * nt];
+        p--;
+    }
+    tv[p * nt] = v;
+    ti[p * nt] = i;
+}
+
+__global__ void k_select(const float *__restrict__ logits, const float *__restrict__ bias,
+                         const uint8_t *__restrict__ skip, int64_t n, select_params sp,
+                         int32_t *__restrict__ sel)
+{
+    extern __shared__ float sm[];
+    const int nt = blockDim.x, tid = threadIdx.x;
+    const int64_t t = (int64_t)blockIdx.x * nt + tid;
+    if (t >= n)
+        return;
+    const int E = sp.E, k = sp.k, G = sp.G;
+    const int KG = k > G ? k : G;
+    float *choice = sm + tid;
+    float *gs = choice + (size_t)E * nt;
+    float *tv = gs + (size_t)G * nt;
+    int *ti = reinterpret_cast<int *>(tv + (size_t)KG * nt);
+    int *gi = ti + (size_t)KG * nt;
+    int *keep = gi + (size_t)G * nt;
+    int32_t *out = sel + t * k;
+
+    if (skip != nullptr && skip[t]) {
+        for (int i = 0; i < k; i++)
+            out[i] = -1;
+        return;
+    }
+    const float *l = logits + t * E;
+
+    /* choice values (router.c token_choice) */
+    if (sp.sigmoid) {
+        for (int j = 0; j < E; j++) {
+            float s = __fdiv_rn(1.0f, __fadd_rn(1.0f, moecal_route_expf(-l[j])));
+            choice[(size_t)j * nt] = no_nan(sp.has_bias ? __fadd_rn(s, bias[j]) : s);
+        }
+    } else {
+        float m = l[0];
+        for (int j = 1; j < E; j++)
+            m = fmaxf(m, l[j]);
+        float sum = 0.0f;
+        for (int j = 0; j < E; j++) {
+            float c = moecal_route_expf(__fsub_rn(l[j], m));
+            choice[(size_t)j * nt] = c;
+            sum = __fadd_rn(sum, c);
+        }
+        for (int j = 0; j < E; j++) {
+            float c = __fdiv_rn(choice[(size_t)j * nt], sum);
+            choice[(size_t)j * nt] = no_nan(sp.has_bias ? __fadd_rn(c, bias[j]) : c);
+        }
+    }
+
+    int cnt = 0;
+    if (sp.grouped) {
+        /* group scores (router.c select_groups) */
+        const int gsz = E / G;
+        for (int g = 0; g < G; g++) {
+            const float *c = choice + (size_t)g * gsz * nt;
+            float m1 = c[0], m2 = 0.0f;
+            int have2 = 0;
+            for (int j = 1; j < gsz; j++) {
+                float v = c[(size_t)j * nt];
+                if (v > m1) {
+                    m2 = m1;
+                    m1 = v;
+                    have2 = 1;
+                } else if (!have2 || v > m2) {
+                    m2 = v;
+                    have2 = 1;
+                }
+            }
+            gs[(size_t)g * nt] = no_nan((sp.has_bias && have2) ? __fadd_rn(m1, m2) : m1);
+        }
+        int gc = 0;
+        for (int g = 0; g < G; g++)
+            top_push(tv, gi, nt, &gc, sp.TG, gs[(size_t)g * nt], g);
+        for (int g = 0; g < G; g++)
+            keep[(size_t)g * nt] = 0;
+        for (int i = 0; i < gc; i++)
+            keep[(size_t)gi[(size_t)i * nt] * nt] = 1;
+        /* experts of dropped groups compete as -inf */
+        for (int g = 0; g < G; g++) {
+            const float *c = choice + (size_t)g * gsz * nt;
+            int j0 = g * gsz;
+            if (keep[(size_t)g * nt]) {
+                for (int j = 0; j < gsz; j++)
+                    top_push(tv, ti, nt, &cnt, k, c[(size_t)j * nt], j0 + j);
+            } else if (cnt < k) {
+                for (int j = 0; j < gsz; j++)
+                    top_push(tv, ti, nt, &cnt, k, -__int_as_float(0x7f800000), j0 + j);
+            }
+        }
+    } else {
+        for (int j = 0; j < E; j++)
+            top_push(tv, ti, nt, &cnt, k, choice[(size_t)j * nt], j);
+    }
+
+    /* ascending expert order */
+    for (int i = 1; i < k; i++) {
+        int e = ti[(size_t)i * nt];
+        int p = i;
+        while (p > 0 && ti[(size_t)(p - 1) * nt] > e) {
+            ti[(size_t)p * nt] = ti[(size_t)(p - 1) * nt];
+            p--;
+        }
+        ti[(size_t)p * nt] = e;
+    }
+    for (int i = 0; i < k; i++)
+        out[i] = ti[(size_t)i * nt];
+}
+
+/* ------------------------------------------------------------------ token lists */
+
+/* Per (token, slot): count tokens of each local expert and take the max of
+ * the tokens' row maxima. */
+__global__ void k_count(const int32_t *__restrict__ sel, const unsigned *__restrict__ rowmax,
+                        int64_t nsel, int k, int e0, int nloc, int *__restrict__ cnt,
+                        unsigned *__restrict__ ax)
+{
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= nsel)
+        return;
+    int e = sel[i] - e0;
+    if (e < 0 || e >= nloc)
+        return;
+    atomicAdd(&cnt[e], 1);
+    atomicMax(&ax[e], rowmax[i / k]);
+}
+
+/* offs[e] = sum of cnt[< e] (offs has nloc + 1 entries); fill[] = 0.  One
+ * block of SCAN_THREADS. */
+enum { SCAN_THREADS = 512 };
+
+__global__ void __launch_bounds__(SCAN_THREADS)
+k_scan(const int *__restrict__ cnt, int nloc, int *__restrict__ offs, int *__restrict__ fill)
+{
+    typedef cub::BlockScan<int, SCAN_THREADS> scan_t;
+    __shared__ typename scan_t::TempStorage tmp;
+    __shared__ int carry;
+    if (threadIdx.x == 0)
+        carry = 0;
+    __syncthreads();
+    for (int base = 0; base < nloc; base += SCAN_THREADS) {
+        int e = base + (int)threadIdx.x;
+        int v = e < nloc ? cnt[e] : 0, ex, total;
+        scan_t(tmp).ExclusiveSum(v, ex, total);
+        if (e < nloc) {
+            offs[e] = carry + ex;
+            fill[e] = 0;
+        }
+        __syncthreads();
+        if (threadIdx.x == 0)
+            carry += total;
+        __syncthreads();
+    }
+    if (threadIdx.x == 0)
+        offs[nloc] = carry;
+}
+
+/* list[offs[e] + i] = token, for the i-th (in no particular order) token of
+ * local expert e.  The order does not matter: each GEMM row depends only on
+ * its own token, and amax is a max. */
+__global__ void k_fill(const int32_t *__restrict__ sel, int64_t nsel, int k, int e0, int nloc,
+                       const int *__restrict__ offs, int *__restrict__ fill,
+                       int32_t *__restrict__ list)
+{
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= nsel)
+        return;
+    int e = sel[i] - e0;
+    if (e < 0 || e >= nloc)
+        return;
+    int p = atomicAdd(&fill[e], 1);
+    list[offs[e] + p] = (int32_t)(i / k);
+}
+
+/* All-experts mode: the rows not skipped, and the max of their row maxima. */
+__global__ void k_valid_rows(const uint8_t *__restrict__ skip, const unsigned *__restrict__ rowmax,
+                             int64_t n, int *__restrict__ nvalid, int32_t *__restrict__ list,
+                             unsigned *__restrict__ ax_all)
+{
+    int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    unsigned m = 0;
+    if (t < n && (skip == nullptr || !skip[t])) {
+        m = rowmax[t];
+        if (list != nullptr)
+            list[atomicAdd(nvalid, 1)] = (int32_t)t;
+    }
+    m = block_max(m);
+    if (threadIdx.x == 0 && m != 0)
+        atomicMax(ax_all, m);
+}
+
+/* xg[p][:] = x[list[p]][:], one warp per row; VEC: H % 8 == 0. */
+template <bool VEC>
+__global__ void k_gather(const uint16_t *__restrict__ x, const int32_t *__restrict__ list,
+                         int64_t nrows, int H, uint16_t *__restrict__ xg)
+{
+    const int lane = threadIdx.x & 31;
+    int64_t p = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (p >= nrows)
+        return;
+    const uint16_t *src = x + (int64_t)list[p] * H;
+    uint16_t *dst = xg + p * (int64_t)H;
+    if (VEC) {
+        const uint4 *s = reinterpret_cast<const uint4 *>(src);
+        uint4 *d = reinterpret_cast<uint4 *>(dst);
+        const int nv = H / 8;
+        int i = lane;
+        for (; i + 96 < nv; i += 128) {
+            uint4 a = __ldg(s + i), b = __ldg(s + i + 32), c = __ldg(s + i + 64),
+                  e = __ldg(s + i + 96);
+            d[i] = a;
+            d[i + 32] = b;
+            d[i + 64] = c;
+            d[i + 96] = e;
+        }
+        for (; i < nv; i += 32)
+            d[i] = __ldg(s + i);
+    } else {
+        for (int i = lane; i < H; i += 32)
+            dst[i] = src[i];
+    }
+}
+
+/* ------------------------------------------------------------------ activation amax */
+
+/* One item: rows [row0, row0 + nrows) of ab, whose columns [col0, col0 + I)
+ * hold a = bf16(x W1^T) and [col0 + I, col0 + 2I) b = bf16(x W3^T) of local
+ * expert e. */
+struct act_item {
+    int e;
+    int nrows;
+    int64_t row0;
+    int64_t col0;
+};
+
+/* max |h| (as bits) over rows [row0, row0 + nrows) of ab, h = bf16(bf16(silu(a))
+ * * b) as the CPU backend's activation_amax computes it, a at columns
+ * [col0, col0 + I) and b at [col0 + I, col0 + 2I); this thread's share.
+ * VEC: I, ld and col0 multiples of 8 (16-byte loads). */
+template <bool VEC>
+__device__ __forceinline__ unsigned act_rows(const uint16_t *__restrict__ ab, int64_t ld, int I,
+                                             int64_t row0, int nrows, int64_t col0)
+{
+    unsigned m = 0;
+    auto h_of = [](uint16_t au, uint16_t bu) -> unsigned {
+        float a = bf16_to_f(au);
+        float s = round_bf16(a / (1.0f + expf(-a)));
+        float h = round_bf16(s * bf16_to_f(bu));
+        return __float_as_uint(h) & 0x7fffffffu;
+    };
+    if (VEC) {
+        const int nv = I / 8;
+        const int64_t total = (int64_t)nrows * nv;
+        for (int64_t q = threadIdx.x; q < total; q += blockDim.x) {
+            int64_t r = q / nv;
+            int j = (int)(q - r * nv) * 8;
+            const uint16_t *row = ab + (row0 + r) * ld + col0;
+            uint4 av = __ldg(reinterpret_cast<const uint4 *>(row + j));
+            uint4 bv = __ldg(reinterpret_cast<const uint4 *>(row + I + j));
+            const unsigned aw[4] = {av.x, av.y, av.z, av.w};
+            const unsigned bw[4] = {bv.x, bv.y, bv.z, bv.w};
+#pragma unroll
+            for (int w = 0; w < 4; w++) {
+                m = max(m, h_of((uint16_t)(aw[w] & 0xffff), (uint16_t)(bw[w] & 0xffff)));
+                m = max(m, h_of((uint16_t)(aw[w] >> 16), (uint16_t)(bw[w] >> 16)));
+            }
+        }
+    } else {
+        const int64_t total = (int64_t)nrows * I;
+        for (int64_t q = threadIdx.x; q < total; q += blockDim.x) {
+            int64_t r = q / I;
+            int j = (int)(q - r * I);
+            const uint16_t *row = ab + (row0 + r) * ld + col0;
+            m = max(m, h_of(row[j], row[I + j]));
+        }
+    }
+    return m;
+}
+
+/* Top-k mode: one block per item, ah[item.e] = max. */
+template <bool VEC>
+__global__ void k_act(const uint16_t *__restrict__ ab, int64_t ld, int I,
+                      const act_item *__restrict__ items, unsigned *__restrict__ ah)
+{
+    const act_item it = items[blockIdx.x];
+    unsigned m = act_rows<VEC>(ab, ld, I, it.row0, it.nrows, it.col0);
+    m = block_max(m);
+    if (threadIdx.x == 0)
+        atomicMax(&ah[it.e], m);
+}
+
+/* All-experts mode: ab holds [nrows][ne * 2I], experts e_first + y side by
+ * side; block (x, y) takes rows [x * R, x * R + R) of expert e_first + y. */
+template <bool VEC>
+__global__ void k_act_dense(const uint16_t *__restrict__ ab, int64_t ld, int I, int64_t nrows,
+                            int R, int e_first, unsigned *__restrict__ ah)
+{
+    const int64_t r0 = (int64_t)blockIdx.x * R;
+    const int n = (int)(nrows - r0 < R ? nrows - r0 : R);
+    unsigned m = act_rows<VEC>(ab, ld, I, r0, n, (int64_t)blockIdx.y * 2 * I);
+    m = block_max(m);
+    if (threadIdx.x == 0)
+        atomicMax(&ah[e_first + (int)blockIdx.y], m);
+}
+
+/* ------------------------------------------------------------------ weight check */
+
+/* first[0] = smallest index i < n with w[i] non-finite (bf16 exponent all
+ * ones), left alone when there is none. */
+__global__ void k_first_nonfinite(const uint16_t *__restrict__ w, int64_t n,
+                                  unsigned long long *__restrict__ first)
+{
+    int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        if ((w[i] & 0x7f80u) == 0x7f80u) {
+            atomicMin(first, (unsigned long long)i);
+            return; /* later indices of this thread are larger */
+        }
+    }
+}
+
+/* Vector form for n % 8 == 0 and 16-byte alignment: 8 values per load. */
+__global__ void k_first_nonfinite8(const uint4 *__restrict__ w, int64_t nv,
+                                   unsigned long long *__restrict__ first)
+{
+    int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < nv; i += stride) {
+        uint4 q = __ldg(w + i);
+        const unsigned ws[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            unsigned lo = ws[j] & 0x7f80u, hi = (ws[j] >> 16) & 0x7f80u;
+            if (lo == 0x7f80u || hi == 0x7f80u) {
+                atomicMin(first, (unsigned long long)(i * 8 + 2 * j + (lo == 0x7f80u ? 0 : 1)));
+                return;
+            }
+        }
+    }
+}
+
+} /* namespace */
+} /* namespace moecal_cuda */
+
+#endif

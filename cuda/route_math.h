@@ -1,0 +1,111 @@
+/* route_math.h - the router's arithmetic, bit-identical on the CPU and the GPU.
+ *
+ * Expert selection compares float32 values: a top-k boundary or a group
+ * boundary can sit within one rounding of a tie, so two backends choose the
+ * same experts for every token only if they compute bit-identical choice
+ * values.  A BLAS sgemm does not give that: its summation order belongs to
+ * the library, its kernel and the CPU it runs on.  Nor does expf: glibc,
+ * CUDA and other libms round differently in some cases.  This header fixes
+ * both, in plain C that nvcc compiles for the device too:
+ *
+ *   logit = (float) sum_h x[h] * g[h], accumulated in double in ascending h.
+ *     x is bf16 (8 significant bits), g float32 (24), so each product is
+ *     exact in double and fma(x, g, acc) == acc + x * g: contraction by the
+ *     compiler cannot change the result, and the accumulation starts from
+ *     +0.0, so it is never -0.0 and zero padding (g = 0 or x = 0 terms
+ *     appended at the end) does not change it either.  The double sum is far
+ *     more accurate than a float32 GEMM; it is rounded once to float32.
+ *
+ *   moecal_route_expf(x) = (float) exp(x), from a fixed sequence of double
+ *     operations (explicit fma, rint, ldexp), so every IEEE-754 machine
+ *     returns the same bits.  Its error before the final rounding is about
+ *     1e-16 relative, so the result is the correctly rounded float except in
+ *     rare midpoint cases, where it is still identical everywhere.
+ *
+ * Everything after these two (sigmoid as 1 / (1 + exp(-l)), softmax as
+ * exp(l - max) / sum in ascending order, + bias, group top-2 sums, top-k
+ * comparisons) is single float32 operations, which IEEE-754 fixes exactly,
+ * as long as nothing is compiled with -ffast-math / -use_fast_math.
+ */
+#ifndef MOECAL_ROUTE_MATH_H
+#define MOECAL_ROUTE_MATH_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define MOECAL_RM_FN static __host__ __device__ __forceinline__
+#else
+#define MOECAL_RM_FN static inline
+#endif
+
+/* bf16 bits -> float (exact). */
+MOECAL_RM_FN float moecal_rm_bf16(uint16_t u)
+{
+#if defined(__CUDA_ARCH__)
+    return __uint_as_float((unsigned)u << 16);
+#else
+    union { uint32_t u; float f; } v;
+    v.u = (uint32_t)u << 16;
+    return v.f;
+#endif
+}
+
+/* One router logit: x [H] bf16, g [H] float32. */
+MOECAL_RM_FN float moecal_route_logit(const uint16_t *x, const float *g, size_t H)
+{
+    double acc = 0.0;
+    for (size_t h = 0; h < H; h++)
+        acc = fma((double)moecal_rm_bf16(x[h]), (double)g[h], acc);
+    return (float)acc;
+}
+
+/* The same from x already widened to float (exact: x holds bf16 values), as
+ * the CPU backend keeps its rows. */
+MOECAL_RM_FN float moecal_route_logit_f(const float *x, const float *g, size_t H)
+{
+    double acc = 0.0;
+    for (size_t h = 0; h < H; h++)
+        acc = fma((double)x[h], (double)g[h], acc);
+    return (float)acc;
+}
+
+/* exp(x) for float x, identical on every IEEE-754 machine.
+ * x = k ln2 + r, |r| <= ln2/2 (two fma steps with ln2 split in two
+ * doubles); exp(r) by its Taylor polynomial of degree 13 (truncation error
+ * below 2e-17 relative); times 2^k (exact); one rounding to float. */
+MOECAL_RM_FN float moecal_route_expf(float x)
+{
+    if (x != x)
+        return x;                 /* NaN */
+    if (x > 89.0f)
+        return (float)INFINITY;   /* e^89 > FLT_MAX */
+    if (x < -104.0f)
+        return 0.0f;              /* e^-104 < 2^-150: rounds to zero */
+    const double inv_ln2 = 0x1.71547652b82fep+0;
+    const double ln2_hi = 0x1.62e42fefa39efp-1;
+    const double ln2_lo = 0x1.abc9e3b39803fp-56;
+    double xd = (double)x;
+    double kd = rint(xd * inv_ln2);
+    double r = fma(-kd, ln2_hi, xd);
+    r = fma(-kd, ln2_lo, r);
+    /* 1/n! for n = 13 down to 0 */
+    double p = 1.6059043836821614599e-10;              /* 1/13! */
+    p = fma(p, r, 2.0876756987868098979e-09);         /* 1/12! */
+    p = fma(p, r, 2.5052108385441718775e-08);         /* 1/11! */
+    p = fma(p, r, 2.7557319223985890653e-07);         /* 1/10! */
+    p = fma(p, r, 2.7557319223985890653e-06);         /* 1/9! */
+    p = fma(p, r, 2.4801587301587301566e-05);         /* 1/8! */
+    p = fma(p, r, 1.9841269841269841253e-04);         /* 1/7! */
+    p = fma(p, r, 1.3888888888888888889e-03);         /* 1/6! */
+    p = fma(p, r, 8.3333333333333333333e-03);         /* 1/5! */
+    p = fma(p, r, 4.1666666666666666667e-02);         /* 1/4! */
+    p = fma(p, r, 1.6666666666666666667e-01);         /* 1/3! */
+    p = fma(p, r, 0.5);
+    p = fma(p, r, 1.0);
+    p = fma(p, r, 1.0);
+    return (float)ldexp(p, (int)kd);
+}
+
+#endif
