@@ -35,10 +35,15 @@
  * (fsync, rename) and writes the activation rows.  Only the writer thread
  * touches the safetensors writers and HDF5 between create and close.
  */
+/* sync_file_range */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
 #include "config.h"
 
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <math.h>
 #include <pthread.h>
@@ -866,6 +871,7 @@ enum { J_NONE, J_TENSORS, J_FINISH, J_ACT };
 typedef struct job {
     int kind;
     moecal_st_writer *w;          /* J_TENSORS, J_FINISH */
+    int fd;                       /* its file, to start the writeback early (-1: none) */
     size_t n;                     /* J_TENSORS: n tensors */
     const char *const *name;
     const void *const *data;
@@ -910,8 +916,16 @@ static void *pipe_main(void *arg)
         if (j.kind == J_TENSORS) {
             for (size_t i = 0; i < j.n && st == MOECAL_OK; i++)
                 st = moecal_st_writer_write(j.w, j.name[i], j.data[i], j.len[i]);
+            /* Start writing the pages back now rather than all at the final
+             * fsync, so that the disk works while the next tensors are made. */
+#ifdef SYNC_FILE_RANGE_WRITE
+            if (st == MOECAL_OK && j.fd >= 0)
+                (void)sync_file_range(j.fd, 0, 0, SYNC_FILE_RANGE_WRITE);
+#endif
         } else if (j.kind == J_FINISH) {
             st = moecal_st_writer_finish(j.w);
+            if (j.fd >= 0)
+                close(j.fd);
         } else if (j.kind == J_ACT) {
             st = moecal_act_write_float(j.aw, j.layer, j.row0, j.nrows, j.rows);
         }
@@ -1090,6 +1104,7 @@ typedef struct synth_ctx {
     size_t *bstart, *woff, *soff, *tidx;  /* per batch tensor (see gen_batch) */
     size_t bcap;
     moecal_st_writer *w;      /* shard being filled, owned by this thread */
+    int wfd;                  /* its temporary file, read-only, for writeback hints */
     int w_shard;
     uint8_t *never;           /* [layers - first_dense][E] */
     float *gate, *bias;
@@ -1208,6 +1223,10 @@ static moecal_status open_shard(synth_ctx *c, int s)
     shard_name(s, c->nshards, name, sizeof name);
     snprintf(path, sizeof path, "%s/%s", c->dir, name);
     MOECAL_TRY(moecal_st_writer_create(path, &c->w));
+    /* The writer writes PATH.tmp; a second descriptor of it serves only
+     * sync_file_range (advisory: without it the final fsync does the work). */
+    strncat(path, ".tmp", sizeof path - strlen(path) - 1);
+    c->wfd = open(path, O_RDONLY | O_CLOEXEC);
     c->w_shard = s;
     st = moecal_st_writer_metadata(c->w, "format", "pt");
     for (size_t i = 0; st == MOECAL_OK && i < c->nplan; i++)
@@ -1219,6 +1238,9 @@ static moecal_status open_shard(synth_ctx *c, int s)
     if (st != MOECAL_OK) {
         moecal_st_writer_abort(c->w);
         c->w = NULL;
+        if (c->wfd >= 0)
+            close(c->wfd);
+        c->wfd = -1;
     }
     return st;
 }
@@ -1226,11 +1248,13 @@ static moecal_status open_shard(synth_ctx *c, int s)
 /* The current shard is complete: the writer thread fsyncs and renames it. */
 static moecal_status close_shard(synth_ctx *c)
 {
-    job j = {.kind = J_FINISH, .w = c->w};
+    job j = {.kind = J_FINISH, .w = c->w, .fd = c->wfd};
     moecal_status st = pipe_submit(&c->pipe, &j);
 
-    if (st == MOECAL_OK)
+    if (st == MOECAL_OK) {
         c->w = NULL; /* the writer thread owns (and consumes) it now */
+        c->wfd = -1;
+    }
     return st;
 }
 
@@ -1256,6 +1280,7 @@ static moecal_status write_router(synth_ctx *c, int L)
     data[0] = c->gate16;
     data[1] = c->bias;
     j.w = c->w;
+    j.fd = c->wfd;
     MOECAL_TRY(pipe_submit(&c->pipe, &j));
     /* the job's arrays live on this stack frame: let the writer finish */
     MOECAL_TRY(pipe_wait(&c->pipe));
@@ -1327,6 +1352,7 @@ static moecal_status write_weights(synth_ctx *c)
         }
         gen_batch(c, m);
         j.w = c->w;
+        j.fd = c->wfd;
         j.n = nt;
         j.name = sl->name;
         j.data = sl->data;
@@ -1391,7 +1417,7 @@ static moecal_status write_activations(synth_ctx *c)
         layer_dir(p, &c->mv, layers[i], mu, &mu_sq);
         for (int64_t t0 = 0; t0 < p->tokens; t0 += step) {
             int64_t n = p->tokens - t0 < step ? p->tokens - t0 : step;
-            job j = {.kind = J_ACT, .aw = aw, .layer = layers[i], .row0 = t0, .nrows = n,
+            job j = {.kind = J_ACT, .fd = -1, .aw = aw, .layer = layers[i], .row0 = t0, .nrows = n,
                      .rows = buf[cur]};
             char what[64];
             gen_act_rows(p, &c->mv, mu, layers[i], t0, n, buf[cur]);
@@ -1540,6 +1566,9 @@ static void ctx_free(synth_ctx *c)
     if (c->w)
         moecal_st_writer_abort(c->w);
     c->w = NULL;
+    if (c->wfd >= 0)
+        close(c->wfd);
+    c->wfd = -1;
     pipe_stop(&c->pipe);
     for (int i = 0; i < 2; i++) {
         free(c->slots[i].w);
@@ -1611,6 +1640,7 @@ moecal_status moecal_synth_write(const char *dir, const moecal_synth_params *p, 
     c.p = p;
     c.dir = dir;
     c.w_shard = -1;
+    c.wfd = -1;
     c.pg.mode = p->progress == MOECAL_SYNTH_AUTO
                     ? (isatty(STDERR_FILENO) ? MOECAL_SYNTH_BAR : MOECAL_SYNTH_LINES)
                     : p->progress;
