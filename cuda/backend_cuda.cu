@@ -81,6 +81,7 @@
 #include <cuda_runtime.h>
 
 #include "backend.h"
+#include "fp8.h"
 #include "router.h"
 
 #include "backend_cuda.h"
@@ -235,7 +236,8 @@ struct moecal_backend {
     int32_t *sel;                 /* [step][k] */
     int *cnt[2], *offs[2], *fill[2];
     int32_t *list[2];             /* [step * k] (all-experts: [step]) */
-    uint16_t *xg;                 /* gathered rows */
+    uint16_t *xg;                 /* gathered rows; FP8 staging in load_layer */
+    size_t xg_bytes;
     uint16_t *ab[2];              /* GEMM outputs (top-k uses ab[0]) */
     act_item *items[2];
     int *nvalid;
@@ -392,6 +394,13 @@ plan make_plan(const moecal_backend *b, int64_t step)
         ok &= mul_ok(S * K, I2 * 2, &p.ab);
         p.n_ab = 1;
         p.items = ((S * K) / ACT_ROWS + nloc + 1) * sizeof(act_item);
+    }
+    if (nloc > 0) {
+        /* load_layer stages one expert's FP8 w1 or w3 and scales in xg */
+        size_t B = (size_t)std::max(1, b->model.weight_block[0]), q, sc;
+        ok &= mul_ok((size_t)b->NI, H, &q);
+        sc = ((size_t)b->NI + B - 1) / B * ((H + B - 1) / B) * 4;
+        p.xg = std::max(p.xg, q + ((sc + 255) & ~(size_t)255) + 256);
     }
     p.ok = ok;
     return p;
@@ -596,6 +605,7 @@ moecal_status allocate(moecal_backend *b, const plan &p)
     MOECAL_TRY(dalloc(b, &b->nvalid, 16));
     MOECAL_TRY(dalloc(b, &b->first, 16));
     MOECAL_TRY(dalloc(b, &b->xg, p.xg));
+    b->xg_bytes = p.xg;
     if (!b->all_experts) {
         MOECAL_TRY(dalloc(b, &b->logits, p.logits));
         MOECAL_TRY(dalloc(b, &b->sel, p.sel));
@@ -860,12 +870,67 @@ moecal_status cuda_create(const moecal_backend_config *cfg, moecal_backend **out
 
 /* ------------------------------------------------------------------ layer */
 
+/* Bytes of one expert's FP8 w1 or w3 and of its scales. */
+void fp8_sizes(const moecal_backend *b, int block, size_t *q, size_t *sc)
+{
+    size_t nbr = ((size_t)b->NI + (size_t)block - 1) / (size_t)block;
+    size_t nbc = ((size_t)b->H + (size_t)block - 1) / (size_t)block;
+    *q = (size_t)b->NI * (size_t)b->H;
+    *sc = nbr * nbc * sizeof(float);
+}
+
+/* FP8 w1/w3 to bf16 on the GPU: batches of experts copied into the gather
+ * buffer (free while no chunk is in flight; the plan makes it hold at least
+ * one expert's w1 or w3 with its scales), then dequantized into w13. */
+moecal_status upload_fp8(moecal_backend *b, const moecal_layer_weights *w)
+{
+    const int block = w->block;
+    const int nbr = (int)ceil_div(b->NI, block), nbc = (int)ceil_div(b->H, block);
+    size_t qb, sb;
+    fp8_sizes(b, block, &qb, &sb);
+    const size_t per = qb + ((sb + 255) & ~(size_t)255);
+    const size_t room = (size_t)b->xg_bytes;
+    const int64_t nb_max = std::max<int64_t>(1, (int64_t)(room / per));
+    if (room < per)
+        return moecal_error_set(MOECAL_ERR_INTERNAL, "%s: FP8 staging of %zu bytes for one "
+                                "expert, %zu available", b->where, per, room);
+    e4m3_lut lut;
+    for (int c = 0; c < 256; c++)
+        lut.v[c] = moecal_e4m3_to_float((uint8_t)c);
+    uint8_t *dq = reinterpret_cast<uint8_t *>(b->xg);
+    for (int half = 0; half < 2; half++) {
+        const uint8_t *hq = half ? w->w3_fp8 : w->w1_fp8;
+        const float *hs = half ? w->w3_scale : w->w1_scale;
+        for (int64_t e0 = 0; e0 < b->nloc; e0 += nb_max) {
+            const int64_t nb = std::min<int64_t>(nb_max, b->nloc - e0);
+            uint8_t *dqb = dq;
+            float *dsc = reinterpret_cast<float *>(dq + (((size_t)nb * qb + 255) & ~(size_t)255));
+            CUDA_CHECK(b->where, cudaMemcpyAsync(dqb, hq + (size_t)e0 * qb, (size_t)nb * qb,
+                                                 cudaMemcpyHostToDevice, b->s_copy));
+            CUDA_CHECK(b->where, cudaMemcpyAsync(dsc, reinterpret_cast<const char *>(hs) +
+                                                 (size_t)e0 * sb, (size_t)nb * sb,
+                                                 cudaMemcpyHostToDevice, b->s_copy));
+            const int64_t n = nb * (int64_t)qb;
+            const int grid = (int)std::min<int64_t>(ceil_div(n, 256), 132 * 32);
+            k_dequant_fp8<<<grid, 256, 0, b->s_copy>>>(dqb, dsc, nb, b->NI, b->H, block, nbr,
+                                                       nbc, half, lut,
+                                                       b->w13 + (size_t)e0 * 2 * qb);
+            LAUNCH_CHECK(b->where, "k_dequant_fp8");
+        }
+    }
+    return MOECAL_OK;
+}
+
 moecal_status cuda_load_layer(moecal_backend *b, const moecal_layer_weights *w)
 {
     const size_t H = (size_t)b->H, NI = (size_t)b->NI;
     const size_t gsz = (size_t)b->E * H;
 
-    if (w == NULL || w->gate == NULL || (b->nloc > 0 && (w->w1 == NULL || w->w3 == NULL)))
+    const bool fp8 = w != NULL && w->w1 == NULL && w->w3 == NULL;
+    if (w == NULL || w->gate == NULL ||
+        (b->nloc > 0 && !fp8 && (w->w1 == NULL || w->w3 == NULL)) ||
+        (b->nloc > 0 && fp8 && (w->w1_fp8 == NULL || w->w3_fp8 == NULL ||
+                                w->w1_scale == NULL || w->w3_scale == NULL || w->block < 1)))
         return moecal_error_set(MOECAL_ERR_INTERNAL, "cuda backend: layer weights missing");
     if (b->model.has_correction_bias && w->bias == NULL)
         return moecal_error_set(MOECAL_ERR_MISMATCH, "layer %d: the router has no "
@@ -899,14 +964,18 @@ moecal_status cuda_load_layer(moecal_backend *b, const moecal_layer_weights *w)
         CUDA_CHECK(b->where, cudaMemcpyAsync(b->bias, w->bias, (size_t)b->E * sizeof(float),
                                              cudaMemcpyHostToDevice, b->s_copy));
     {
-        /* w1 rows then w3 rows of each expert: two pitched copies */
-        size_t row = NI * H * sizeof(uint16_t);
-        CUDA_CHECK(b->where, cudaMemcpy2DAsync(b->w13, 2 * row, w->w1, row, row,
-                                               (size_t)b->nloc, cudaMemcpyHostToDevice,
-                                               b->s_copy));
-        CUDA_CHECK(b->where, cudaMemcpy2DAsync((char *)b->w13 + row, 2 * row, w->w3, row, row,
-                                               (size_t)b->nloc, cudaMemcpyHostToDevice,
-                                               b->s_copy));
+        if (fp8) {
+            MOECAL_TRY(upload_fp8(b, w));
+        } else {
+            /* w1 rows then w3 rows of each expert: two pitched copies */
+            size_t row = NI * H * sizeof(uint16_t);
+            CUDA_CHECK(b->where, cudaMemcpy2DAsync(b->w13, 2 * row, w->w1, row, row,
+                                                   (size_t)b->nloc, cudaMemcpyHostToDevice,
+                                                   b->s_copy));
+            CUDA_CHECK(b->where, cudaMemcpy2DAsync((char *)b->w13 + row, 2 * row, w->w3, row,
+                                                   row, (size_t)b->nloc,
+                                                   cudaMemcpyHostToDevice, b->s_copy));
+        }
         /* the first non-finite value, in the CPU backend's order: expert,
          * w1 rows then w3 rows, column */
         const int64_t n = (int64_t)b->nloc * 2 * (int64_t)NI * (int64_t)H;
@@ -1539,5 +1608,10 @@ const moecal_backend_ops moecal_backend_cuda = {
     /* run_chunk */ cuda_run_chunk,
     /* timings */ cuda_timings,
     /* destroy */ cuda_destroy,
+    /* submit_chunk */ moecal_backend_cuda_submit_chunk,
+    /* finish_chunk */ moecal_backend_cuda_finish_chunk,
+    /* pin_host */ moecal_backend_cuda_pin_host,
+    /* unpin_host */ moecal_backend_cuda_unpin_host,
+    /* fp8_weights */ true,
 };
 }

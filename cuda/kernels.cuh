@@ -574,6 +574,36 @@ __global__ void k_act_dense(const uint16_t *__restrict__ ab, int64_t ld, int I, 
 
 /* ------------------------------------------------------------------ weight check */
 
+/* FP8 e4m3 block dequantization of nb experts' w1 (half 0) or w3 (half 1)
+ * into w13 [nb][2I][H]: w = bf16_rne(lut[q] * scale), one float32 product,
+ * exactly as moecal_fp8_dequant_bf16 (fp8.c) computes it; lut is the host's
+ * moecal_e4m3_to_float table.  q [nb][I][H], scale [nb][nbr][nbc]. */
+struct e4m3_lut {
+    float v[256];
+};
+
+__device__ __forceinline__ uint16_t bf16_rne_bits(float x)
+{
+    unsigned u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+        return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+__global__ void k_dequant_fp8(const uint8_t *__restrict__ q, const float *__restrict__ scale,
+                              int64_t nb, int I, int H, int block, int nbr, int nbc, int half,
+                              e4m3_lut lut, uint16_t *__restrict__ w13)
+{
+    const int64_t per = (int64_t)I * H, n = nb * per;
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const int64_t e = i / per, r = (i % per) / H, c = i % H;
+        const float s = scale[(e * nbr + r / block) * nbc + c / block];
+        w13[(e * 2 + half) * per + r * H + c] = bf16_rne_bits(__fmul_rn(lut.v[q[i]], s));
+    }
+}
+
 /* first[0] = smallest index i < n with w[i] non-finite (bf16 exponent all
  * ones), left alone when there is none. */
 __global__ void k_first_nonfinite(const uint16_t *__restrict__ w, int64_t n,

@@ -10,6 +10,22 @@
  * bf16 model does: a = bf16(x W1^T), b = bf16(x W3^T) (float32 accumulation),
  * h = bf16(bf16(silu(a)) * b).
  *
+ * Two optional refinements, used by the driver when a backend has them:
+ *
+ *   - submit_chunk/finish_chunk split run_chunk so that a chunk's copy and
+ *     routing overlap the previous chunk's GEMMs: submit_chunk starts a chunk
+ *     and returns; finish_chunk waits for the oldest submitted chunk and fills
+ *     its statistics.  At most two chunks are in flight; x and skip must stay
+ *     unchanged until that chunk's finish_chunk has returned; load_layer and
+ *     run_chunk are refused while a submitted chunk is unfinished.
+ *     pin_host/unpin_host page-lock a long-lived host buffer (the driver's
+ *     token windows and weight buffers) so that copies from it are DMA.
+ *
+ *   - fp8_weights: load_layer takes w1/w3 as raw e4m3 bytes with their block
+ *     scales (w1_fp8, w3_fp8, w1_scale, w3_scale, block) and dequantizes them
+ *     itself, bit-identically to moecal_fp8_dequant_bf16:
+ *     bf16_rne(e4m3_to_float(q) * scale_inv), float32 product.
+ *
  * Backends are registered in backend.c; NULL function pointers mean "not
  * supported".
  */
@@ -17,6 +33,7 @@
 #define MOECAL_BACKEND_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "error.h"
@@ -43,8 +60,14 @@ typedef struct moecal_layer_weights {
     int layer;                   /* model layer index */
     const float *gate;           /* [E][H] router weight */
     const float *bias;           /* [E] e_score_correction_bias or NULL */
-    const uint16_t *w1;          /* [n_local][I][H] bf16 (gate_proj) */
-    const uint16_t *w3;          /* [n_local][I][H] bf16 (up_proj) */
+    const uint16_t *w1;          /* [n_local][I][H] bf16 (gate_proj), or NULL: */
+    const uint16_t *w3;          /* [n_local][I][H] bf16 (up_proj), or NULL: */
+    /* the FP8 form (only for backends with fp8_weights, when w1/w3 are NULL):
+     * e4m3 [n_local][I][H] and scale_inv [n_local][ceil(I/B)][ceil(H/B)],
+     * B = block; finite codes only, scales checked (moecal_fp8_check_scales) */
+    const uint8_t *w1_fp8, *w3_fp8;
+    const float *w1_scale, *w3_scale;
+    int block;
 } moecal_layer_weights;
 
 /* Per local expert results for one chunk. */
@@ -67,6 +90,13 @@ typedef struct moecal_backend_ops {
     /* Time split in seconds since create (route, gather, gemm, act, copy). */
     void (*timings)(const moecal_backend *b, double t[5]);
     void (*destroy)(moecal_backend *b);
+    /* Optional (NULL: the driver uses run_chunk, and pageable memory). */
+    moecal_status (*submit_chunk)(moecal_backend *b, const uint16_t *x, int64_t ntok,
+                                  const uint8_t *skip);
+    moecal_status (*finish_chunk)(moecal_backend *b, moecal_chunk_stats *out);
+    moecal_status (*pin_host)(moecal_backend *b, void *p, size_t bytes);
+    void (*unpin_host)(moecal_backend *b, void *p);
+    bool fp8_weights;            /* load_layer accepts the FP8 form */
 } moecal_backend_ops;
 
 /* Registry. */

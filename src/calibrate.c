@@ -16,6 +16,7 @@
 #include "backend.h"
 #include "calibrate.h"
 #include "model.h"
+#include "prefetch.h"
 #include "runtime.h"
 #include "tokens.h"
 
@@ -148,9 +149,6 @@ typedef struct job {
     /* this rank's slab */
     float *amax_cal, *weight_amax, *amax_final, *hist;
     int64_t *tok;
-    /* per layer */
-    float *gate, *bias;
-    uint16_t *w13, *w2tmp;
 } job;
 
 static void job_free(job *j)
@@ -161,37 +159,8 @@ static void job_free(job *j)
     free(j->amax_final);
     free(j->hist);
     free(j->tok);
-    free(j->gate);
-    free(j->bias);
-    free(j->w13);
-    free(j->w2tmp);
     if (j->model)
         moecal_model_close(j->model);
-}
-
-/* Load this rank's experts of one layer; weight amax of all three projections. */
-static moecal_status load_layer(job *j, int li, moecal_layer_weights *lw)
-{
-    size_t per = (size_t)j->I * (size_t)j->H;
-    int layer = j->layers[li];
-
-    MOECAL_TRY(moecal_model_load_gate(j->model, layer, j->gate,
-                                      j->cfg->has_correction_bias ? j->bias : NULL));
-    for (int k = 0; k < j->n; k++) {
-        int e = j->e0 + k;
-        float *wa = &j->weight_amax[((size_t)li * (size_t)j->n + (size_t)k) * 3];
-        uint16_t *w1 = j->w13 + (size_t)k * per;
-        uint16_t *w3 = j->w13 + ((size_t)j->n + (size_t)k) * per;
-        MOECAL_TRY(moecal_model_load_expert(j->model, layer, e, MOECAL_W1, w1, &wa[0]));
-        MOECAL_TRY(moecal_model_load_expert(j->model, layer, e, MOECAL_W2, j->w2tmp, &wa[1]));
-        MOECAL_TRY(moecal_model_load_expert(j->model, layer, e, MOECAL_W3, w3, &wa[2]));
-    }
-    lw->layer = layer;
-    lw->gate = j->gate;
-    lw->bias = j->cfg->has_correction_bias ? j->bias : NULL;
-    lw->w1 = j->w13;
-    lw->w3 = j->w13 + (size_t)j->n * per;
-    return MOECAL_OK;
 }
 
 static moecal_status check_inputs(job *j, const char *act_path)
@@ -380,6 +349,121 @@ static void remove_checkpoints(const char *out)
     unlink(path);
 }
 
+/* ---------------------------------------------------------------- chunks */
+
+/* Chunks to the backend: submitted one ahead when it has submit_chunk and
+ * finish_chunk, else computed at submission (run_chunk) and handed back in
+ * order, so the driver has one code path.  Test hook: MOECAL_TEST_DEFER_CHUNKS=1
+ * makes the synchronous form compute at finish instead, so that a backend
+ * without the asynchronous calls exercises the asynchronous contract (a
+ * chunk's rows stay valid until its finish). */
+typedef struct chunk_pipe {
+    const moecal_backend_ops *ops;
+    moecal_backend *be;
+    bool async, defer;
+    moecal_chunk pending[2];      /* deferred chunks */
+    moecal_chunk_stats done[2];   /* synchronous results not yet finished */
+    int64_t nsub, nfin;
+    int nloc;
+    void *pinned[8];
+    int npinned;
+} chunk_pipe;
+
+static void chunk_submit(chunk_pipe *pp, const moecal_chunk *ch, double *t)
+{
+    double t0 = moecal_now();
+    const uint8_t *skip = ch->nskipped ? ch->skip : NULL;
+    moecal_status s;
+
+    if (pp->async) {
+        s = pp->ops->submit_chunk(pp->be, ch->rows, ch->nrows, skip);
+    } else if (pp->defer) {
+        s = MOECAL_OK;
+        pp->pending[pp->nsub % 2] = *ch;
+    } else {
+        s = pp->nsub - pp->nfin < 2 ? pp->ops->run_chunk(pp->be, ch->rows, ch->nrows, skip,
+                                                         &pp->done[pp->nsub % 2])
+                                    : moecal_error_set(MOECAL_ERR_INTERNAL, "three chunks "
+                                                       "submitted");
+    }
+    /* a compute error is this rank's alone: the others may be in a
+     * collective, so it ends the job */
+    if (s != MOECAL_OK)
+        moecal_fatal(s);
+    pp->nsub++;
+    *t += moecal_now() - t0;
+}
+
+static void chunk_finish(chunk_pipe *pp, moecal_chunk_stats *out, double *t)
+{
+    double t0 = moecal_now();
+    moecal_status s = MOECAL_OK;
+
+    if (pp->nfin >= pp->nsub) {
+        s = moecal_error_set(MOECAL_ERR_INTERNAL, "no chunk submitted");
+    } else if (pp->async) {
+        s = pp->ops->finish_chunk(pp->be, out);
+    } else if (pp->defer) {
+        const moecal_chunk *ch = &pp->pending[pp->nfin % 2];
+        s = pp->ops->run_chunk(pp->be, ch->rows, ch->nrows, ch->nskipped ? ch->skip : NULL,
+                               out);
+    } else {
+        const moecal_chunk_stats *d = &pp->done[pp->nfin % 2];
+        /* the driver's n is the backend's n_local */
+        memcpy(out->tokens, d->tokens, (size_t)pp->nloc * sizeof *out->tokens);
+        memcpy(out->amax_x, d->amax_x, (size_t)pp->nloc * sizeof *out->amax_x);
+        memcpy(out->amax_h, d->amax_h, (size_t)pp->nloc * sizeof *out->amax_h);
+    }
+    if (s != MOECAL_OK)
+        moecal_fatal(s);
+    pp->nfin++;
+    *t += moecal_now() - t0;
+}
+
+/* Page-lock a long-lived host buffer for the backend; a failure only costs
+ * speed (the backend stages pageable memory). */
+static void pin(chunk_pipe *pp, void *p, size_t bytes)
+{
+    moecal_status s;
+
+    if (!pp->ops->pin_host || p == NULL || bytes == 0 || pp->npinned == 8)
+        return;
+    for (int i = 0; i < pp->npinned; i++)
+        if (pp->pinned[i] == p)
+            return;
+    s = pp->ops->pin_host(pp->be, p, bytes);
+    if (s == MOECAL_OK)
+        pp->pinned[pp->npinned++] = p;
+    else
+        moecal_log(MOECAL_LOG_VERBOSE, "# could not page-lock %zu bytes of host memory (%s); "
+                   "copies will be staged", bytes, moecal_error_message());
+}
+
+static void pin_prefetch(chunk_pipe *pp, const moecal_prefetch *pf)
+{
+    void *ptr[4];
+    size_t bytes[4];
+    int n = moecal_prefetch_buffers(pf, ptr, bytes);
+    for (int i = 0; i < n; i++)
+        pin(pp, ptr[i], bytes[i]);
+}
+
+static void pipe_free(chunk_pipe *pp)
+{
+    for (int q = 0; q < 2; q++) {
+        free(pp->done[q].tokens);
+        free(pp->done[q].amax_x);
+        free(pp->done[q].amax_h);
+    }
+}
+
+static void unpin_all(chunk_pipe *pp)
+{
+    for (int i = 0; i < pp->npinned; i++)
+        pp->ops->unpin_host(pp->be, pp->pinned[i]);
+    pp->npinned = 0;
+}
+
 moecal_status moecal_calibrate_run(const moecal_comm *c, const moecal_calib_params *p)
 {
     job j = {0};
@@ -388,6 +472,8 @@ moecal_status moecal_calibrate_run(const moecal_comm *c, const moecal_calib_para
     moecal_backend *be = NULL;
     moecal_backend_config bc = {0};
     moecal_tokens *tk = NULL;
+    moecal_prefetch *pf = NULL;
+    chunk_pipe pp = {0};
     moecal_chunk ch;
     moecal_chunk_stats cs = {0};
     char act_path[4096], tmp_path[4200], created[64];
@@ -463,19 +549,20 @@ moecal_status moecal_calibrate_run(const moecal_comm *c, const moecal_calib_para
 
     {
         size_t L = (size_t)j.L, n = (size_t)j.n, C = (size_t)j.C;
-        size_t per = (size_t)j.I * (size_t)j.H;
         j.amax_cal = xcalloc(L * n * 3, sizeof(float), &s);
         j.weight_amax = xcalloc(L * n * 3, sizeof(float), &s);
         j.amax_final = xcalloc(L * n * 3, sizeof(float), &s);
         j.hist = xcalloc(L * C * n * 3, sizeof(float), &s);
         j.tok = xcalloc(L * C * n, sizeof(int64_t), &s);
-        j.gate = xcalloc((size_t)j.E * (size_t)j.H, sizeof(float), &s);
-        j.bias = xcalloc((size_t)j.E, sizeof(float), &s);
-        j.w13 = xcalloc(2 * n * per, sizeof(uint16_t), &s);
-        j.w2tmp = xcalloc(per, sizeof(uint16_t), &s);
         cs.tokens = xcalloc(n, sizeof(int64_t), &s);
         cs.amax_x = xcalloc(n, sizeof(float), &s);
         cs.amax_h = xcalloc(n, sizeof(float), &s);
+        for (int q = 0; q < 2; q++) {
+            pp.done[q].tokens = xcalloc(n, sizeof(int64_t), &s);
+            pp.done[q].amax_x = xcalloc(n, sizeof(float), &s);
+            pp.done[q].amax_h = xcalloc(n, sizeof(float), &s);
+        }
+        pp.nloc = j.n;
     }
     cstart = xcalloc((size_t)j.C, sizeof *cstart, &s);
     ccount = xcalloc((size_t)j.C, sizeof *ccount, &s);
@@ -582,8 +669,28 @@ moecal_status moecal_calibrate_run(const moecal_comm *c, const moecal_calib_para
                (j.E + c->size - 1) / c->size, (long long)j.T, (long long)j.C, (long long)j.chunk,
                p->all_experts ? "all-experts" : "top-k + peer-max sync");
 
+    /* Chunks overlap when the backend can take one ahead: then the token
+     * window holds three chunks (the one computing, the next, the one read). */
+    pp.ops = ops;
+    pp.be = be;
+    pp.async = ops->submit_chunk != NULL && ops->finish_chunk != NULL;
+    {
+        const char *ev = getenv("MOECAL_TEST_DEFER_CHUNKS");
+        pp.defer = !pp.async && ev && strcmp(ev, "1") == 0;
+    }
     s = moecal_tokens_create(c, act_path, j.H, j.layers, j.L, j.T, j.chunk, p->nonfinite,
-                             first_step, &tk);
+                             first_step, pp.async || pp.defer ? 3 : 2, &tk);
+    moecal_check_all(s);
+    if (ops->pin_host) {
+        void *base;
+        size_t bytes;
+        moecal_tokens_window(tk, &base, &bytes);
+        pin(&pp, base, bytes);
+    }
+    s = moecal_prefetch_create(j.model, j.e0, j.n, ops->fp8_weights, p->threads > 0 ? p->threads
+                               : 4, &pf);
+    if (s == MOECAL_OK)
+        s = moecal_prefetch_start(pf, j.layers[first_step / j.C]);
     moecal_check_all(s);
 
     pg.tty = isatty(STDERR_FILENO);
@@ -591,25 +698,40 @@ moecal_status moecal_calibrate_run(const moecal_comm *c, const moecal_calib_para
     pg.tokens_total = j.T * j.L - (first_step / j.C) * j.T - (first_step % j.C) * j.chunk;
     for (int li = (int)(first_step / j.C); li < j.L; li++) {
         moecal_layer_weights lw;
+        int ci0 = li == first_step / j.C ? (int)(first_step % j.C) : 0;
+        moecal_chunk next;
         double t0 = moecal_now();
-        s = load_layer(&j, li, &lw);
+
+        /* This layer's weights (read during the previous layer), then the
+         * next layer's read in the background.  A missing tensor on one rank
+         * stops every rank with its message. */
+        s = moecal_prefetch_wait(pf, &lw, &j.weight_amax[(size_t)li * (size_t)j.n * 3]);
+        if (s == MOECAL_OK)
+            pin_prefetch(&pp, pf);
         if (s == MOECAL_OK)
             s = ops->load_layer(be, &lw);
-        /* A missing tensor on one rank stops every rank with its message. */
+        if (s == MOECAL_OK && li + 1 < j.L)
+            s = moecal_prefetch_start(pf, j.layers[li + 1]);
         moecal_check_all(s);
         t_load += moecal_now() - t0;
-        for (int ci = li == first_step / j.C ? (int)(first_step % j.C) : 0; ci < j.C; ci++) {
+
+        s = moecal_tokens_next(tk, &ch);
+        if (s != MOECAL_OK)
+            moecal_check_all(s);
+        chunk_submit(&pp, &ch, &t_compute);
+        for (int ci = ci0; ci < j.C; ci++) {
             int64_t step = (int64_t)li * j.C + ci;
-            int stop;
-            s = moecal_tokens_next(tk, &ch);
-            if (s != MOECAL_OK)
-                moecal_check_all(s);
+            int stop, ahead = ci + 1 < j.C;
+            /* the next chunk of this layer goes in before this one's results
+             * are asked for */
+            if (ahead) {
+                s = moecal_tokens_next(tk, &next);
+                if (s != MOECAL_OK)
+                    moecal_check_all(s);
+                chunk_submit(&pp, &next, &t_compute);
+            }
+            chunk_finish(&pp, &cs, &t_compute);
             nskipped += ch.nskipped;
-            t0 = moecal_now();
-            s = ops->run_chunk(be, ch.rows, ch.nrows, ch.nskipped ? ch.skip : NULL, &cs);
-            if (s != MOECAL_OK)
-                moecal_fatal(s);
-            t_compute += moecal_now() - t0;
             for (int k = 0; k < j.n; k++)
                 if (isnan(cs.amax_h[k]) || isinf(cs.amax_h[k]))
                     moecal_fatal(moecal_error_set(MOECAL_ERR_NONFINITE,
@@ -630,7 +752,8 @@ moecal_status moecal_calibrate_run(const moecal_comm *c, const moecal_calib_para
 
             /* Every rank agrees on a pending SIGTERM/SIGUSR1 at this boundary.
              * Test hooks: MOECAL_TEST_STOP_AT_STEP=N acts as a signal after
-             * step N; MOECAL_TEST_CHUNK_DELAY_MS slows each chunk down. */
+             * step N; MOECAL_TEST_CHUNK_DELAY_MS slows each chunk down.  The
+             * chunk in flight, if any, does not enter the checkpoint. */
             stop = moecal_signal_pending();
             if (test_stop_at >= 0 && step + 1 == test_stop_at)
                 stop = 10;
@@ -651,28 +774,41 @@ moecal_status moecal_calibrate_run(const moecal_comm *c, const moecal_calib_para
                 moecal_log(MOECAL_LOG_QUIET, "moecal: signal %d: stopped after layer %d/%d chunk "
                            "%d/%lld; checkpoint %s written; rerun with --resume to continue",
                            stop, li + 1, j.L, ci + 1, (long long)j.C, ck);
+                if (ahead)
+                    chunk_finish(&pp, &cs, &t_compute); /* drained, not recorded */
+                moecal_prefetch_destroy(pf);
+                unpin_all(&pp);
                 moecal_tokens_destroy(tk);
                 ops->destroy(be);
                 free(cs.tokens);
                 free(cs.amax_x);
                 free(cs.amax_h);
+                pipe_free(&pp);
                 free(cstart);
                 free(ccount);
                 job_free(&j);
                 unlock_output(p->output, lock_fd);
                 return moecal_error_set(MOECAL_ERR_INTERRUPTED, "interrupted by signal %d", stop);
             }
+            if (ahead)
+                ch = next;
         }
     }
     {
-        double wait_s = 0, exch_s = 0, tb[5] = {0};
+        double wait_s = 0, exch_s = 0, tb[5] = {0}, rd_s = 0, rdw_s = 0;
         moecal_tokens_times(tk, &wait_s, &exch_s);
+        moecal_prefetch_times(pf, &rd_s, &rdw_s);
         if (ops->timings)
             ops->timings(be, tb);
-        moecal_log(MOECAL_LOG_VERBOSE, "# rank 0 time: load %.3fs, compute %.3fs (route %.3f, "
-                   "gather %.3f, gemm %.3f, act %.3f, copy %.3f), read wait %.3fs, exchange %.3fs",
-                   t_load, t_compute, tb[0], tb[1], tb[2], tb[3], tb[4], wait_s, exch_s);
+        moecal_log(MOECAL_LOG_VERBOSE, "# rank 0 time: load %.3fs (weights read %.3fs in the "
+                   "background, waited for %.3fs), compute %.3fs (route %.3f, gather %.3f, gemm "
+                   "%.3f, act %.3f, copy %.3f), read wait %.3fs, exchange %.3fs",
+                   t_load, rd_s, rdw_s, t_compute, tb[0], tb[1], tb[2], tb[3], tb[4], wait_s,
+                   exch_s);
     }
+    moecal_prefetch_destroy(pf);
+    pf = NULL;
+    unpin_all(&pp);
     moecal_tokens_destroy(tk);
     tk = NULL;
     ops->destroy(be);
@@ -801,6 +937,7 @@ moecal_status moecal_calibrate_run(const moecal_comm *c, const moecal_calib_para
     free(cs.tokens);
     free(cs.amax_x);
     free(cs.amax_h);
+    pipe_free(&pp);
     job_free(&j);
     unlock_output(p->output, lock_fd);
     return MOECAL_OK;

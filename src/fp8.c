@@ -7,6 +7,7 @@
 #include "config.h"
 
 #include <math.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -175,14 +176,11 @@ uint16_t moecal_float_to_f16(float x)
  * and only then a second pass counts them. */
 typedef unsigned char v16u8 __attribute__((vector_size(16)));
 
-static inline unsigned seg_dequant(const uint8_t *q, size_t n, const uint16_t *tab,
-                                   uint16_t *out, uint64_t *nan)
+static inline unsigned seg_maxcode(const uint8_t *q, size_t n, uint64_t *nan)
 {
     unsigned char mmax = 0;
     size_t j = 0;
 
-    for (size_t i = 0; i < n; i++)
-        out[i] = tab[q[i]];
     /* Byte max, 16 lanes at a time with GCC/clang vector extensions: the
      * plain loop is left scalar by -O2's cost model. */
     if (n >= 16) {
@@ -218,6 +216,14 @@ static inline unsigned seg_dequant(const uint8_t *q, size_t n, const uint16_t *t
     return mmax;
 }
 
+static inline unsigned seg_dequant(const uint8_t *q, size_t n, const uint16_t *tab,
+                                   uint16_t *out, uint64_t *nan)
+{
+    for (size_t i = 0; i < n; i++)
+        out[i] = tab[q[i]];
+    return seg_maxcode(q, n, nan);
+}
+
 moecal_status moecal_fp8_check_scales(const float *scale_inv, size_t nbr, size_t nbc)
 {
     /* Besides NaN/Inf/<= 0, a scale for which 448 * scale is not a finite
@@ -239,29 +245,44 @@ moecal_status moecal_fp8_check_scales(const float *scale_inv, size_t nbr, size_t
     return MOECAL_OK;
 }
 
-moecal_status moecal_fp8_dequant_bf16(const uint8_t *q, size_t rows, size_t cols,
-                                      const float *scale_inv, size_t block,
-                                      uint16_t *out, uint64_t *n_nan, float *amax)
+/* Common start of the block functions: block counts, outputs zeroed, scales
+ * checked.  Returns true when the caller is done (*rc: error or empty). */
+static bool blocks_begin(size_t rows, size_t cols, const float *scale_inv, size_t block,
+                         const char *what, size_t *nbr, size_t *nbc, uint64_t *n_nan,
+                         float *amax, moecal_status *rc)
 {
-    size_t nbr, nbc;
-    float lut[256];
-    uint64_t nan_total = 0;
-    float amax_total = 0.0f;
-    uint16_t *tabs;
-
-    if (block == 0)
-        return moecal_error_set(MOECAL_ERR_INTERNAL, "FP8 dequantization with block size 0");
-    nbr = rows / block + (rows % block != 0);
-    nbc = cols / block + (cols % block != 0);
+    *rc = MOECAL_OK;
+    if (block == 0) {
+        *rc = moecal_error_set(MOECAL_ERR_INTERNAL, "FP8 %s with block size 0", what);
+        return true;
+    }
+    *nbr = rows / block + (rows % block != 0);
+    *nbc = cols / block + (cols % block != 0);
     if (n_nan)
         *n_nan = 0;
     if (amax)
         *amax = 0.0f;
     if (rows == 0 || cols == 0)
-        return MOECAL_OK;
+        return true;
+    *rc = moecal_fp8_check_scales(scale_inv, *nbr, *nbc);
+    return *rc != MOECAL_OK;
+}
+
+moecal_status moecal_fp8_dequant_bf16(const uint8_t *q, size_t rows, size_t cols,
+                                      const float *scale_inv, size_t block,
+                                      uint16_t *out, uint64_t *n_nan, float *amax)
+{
+    size_t nbr, nbc;
+    moecal_status rc;
+    float lut[256];
+    uint64_t nan_total = 0;
+    float amax_total = 0.0f;
+    uint16_t *tabs;
 
     /* Refuse bad scales before writing anything. */
-    MOECAL_TRY(moecal_fp8_check_scales(scale_inv, nbr, nbc));
+    if (blocks_begin(rows, cols, scale_inv, block, "dequantization", &nbr, &nbc, n_nan, amax,
+                     &rc))
+        return rc;
 
     for (int c = 0; c < 256; c++)
         lut[c] = moecal_e4m3_to_float((uint8_t)c);
@@ -308,6 +329,40 @@ moecal_status moecal_fp8_dequant_bf16(const uint8_t *q, size_t rows, size_t cols
         amax_total = amax_br > amax_total ? amax_br : amax_total;
     }
     free(tabs);
+    if (n_nan)
+        *n_nan = nan_total;
+    if (amax)
+        *amax = amax_total;
+    return MOECAL_OK;
+}
+
+moecal_status moecal_fp8_block_amax(const uint8_t *q, size_t rows, size_t cols,
+                                    const float *scale_inv, size_t block, uint64_t *n_nan,
+                                    float *amax)
+{
+    size_t nbr, nbc;
+    moecal_status rc;
+    uint64_t nan_total = 0;
+    float amax_total = 0.0f;
+
+    if (blocks_begin(rows, cols, scale_inv, block, "amax", &nbr, &nbc, n_nan, amax, &rc))
+        return rc;
+
+    for (size_t br = 0; br < nbr; br++) {
+        size_t r0 = br * block, r1 = r0 + block < rows ? r0 + block : rows;
+        for (size_t bc = 0; bc < nbc; bc++) {
+            size_t c0 = bc * block, n = c0 + block < cols ? block : cols - c0;
+            unsigned mmax = 0;
+            for (size_t r = r0; r < r1; r++) {
+                unsigned m = seg_maxcode(q + r * cols + c0, n, &nan_total);
+                mmax = m > mmax ? m : mmax;
+            }
+            /* the value dequantization gives this code, as its table does */
+            float v = moecal_bf16_to_float(moecal_float_to_bf16(
+                moecal_e4m3_to_float((uint8_t)mmax) * scale_inv[br * nbc + bc]));
+            amax_total = v > amax_total ? v : amax_total;
+        }
+    }
     if (n_nan)
         *n_nan = nan_total;
     if (amax)

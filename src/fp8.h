@@ -42,6 +42,14 @@ moecal_status moecal_fp8_dequant_bf16(const uint8_t *q, size_t rows, size_t cols
                                       const float *scale_inv, size_t block,
                                       uint16_t *out, uint64_t *n_nan, float *amax);
 
+/* max |W| and the NaN count of the same dequantization, without producing W:
+ * rounding and a positive scale are monotone, so each block's largest code
+ * magnitude gives its maximum.  Equal to the amax moecal_fp8_dequant_bf16
+ * reports, bit for bit. */
+moecal_status moecal_fp8_block_amax(const uint8_t *q, size_t rows, size_t cols,
+                                    const float *scale_inv, size_t block, uint64_t *n_nan,
+                                    float *amax);
+
 /* Quantize a float weight w[rows x cols] to e4m3 with per-block scales:
  * scale_inv[b] = blockmax / 448 (1 for an all-zero block), q = e4m3(w / scale_inv).
  * Used by `moecal synth`. */

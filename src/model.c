@@ -579,15 +579,102 @@ static uint16_t bf16_scan(const uint16_t *p, size_t n, uint64_t *nonfinite)
 
 typedef enum { OUT_BF16, OUT_F32 } out_kind;
 
+/* A 2-D weight found and checked: shape [rows, cols] (expect names where it
+ * comes from), dtype F8_E4M3 with its weight_scale_inv (read and checked),
+ * BF16, F16 or F32. */
+typedef struct tensor_2d {
+    const moecal_st_file *f;
+    const moecal_st_tensor *t;
+    float *scale;              /* FP8: [nbr][nbc], malloc'd */
+    size_t nbr, nbc, block;
+} tensor_2d;
+
+static moecal_status open_2d(moecal_model *m, const char *name, size_t rows, size_t cols,
+                             const char *expect, tensor_2d *w)
+{
+    const moecal_st_file *sf;
+    const moecal_st_tensor *st;
+    char shp[96], sname[NAME_MAX_LEN];
+    moecal_status rc;
+
+    memset(w, 0, sizeof *w);
+    w->block = (size_t)m->cfg.weight_block[0];
+    MOECAL_TRY(moecal_model_find(m, name, &w->f, &w->t));
+    if (w->t->ndim != 2 || (uint64_t)w->t->shape[0] != rows ||
+        (uint64_t)w->t->shape[1] != cols) {
+        fmt_shape(shp, sizeof shp, w->t);
+        return moecal_error_set(MOECAL_ERR_MISMATCH, "%s: tensor '%s' has shape %s but "
+                                "[%zu, %zu] was expected (%s)", moecal_st_path(w->f), name, shp,
+                                rows, cols, expect);
+    }
+    switch (w->t->dtype) {
+    case MOECAL_DT_F8_E4M3:
+    case MOECAL_DT_BF16:
+    case MOECAL_DT_F16:
+    case MOECAL_DT_F32:
+        break;
+    default:
+        return moecal_error_set(MOECAL_ERR_UNSUPPORTED, "%s: tensor '%s' has dtype %s; it must "
+                                "be F8_E4M3 (with weight_scale_inv), BF16, F16 or F32",
+                                moecal_st_path(w->f), name, w->t->dtype_name);
+    }
+    if (w->t->dtype != MOECAL_DT_F8_E4M3)
+        return MOECAL_OK;
+
+    size_t block = w->block;
+    size_t nbr = rows / block + (rows % block != 0), nbc = cols / block + (cols % block != 0);
+    size_t nl = strlen(name);
+    /* "<module>.weight" -> "<module>.weight_scale_inv" */
+    if (nl + sizeof "_scale_inv" > sizeof sname)
+        return moecal_error_set(MOECAL_ERR_INTERNAL, "tensor name '%s' too long", name);
+    snprintf(sname, sizeof sname, "%s_scale_inv", name);
+    if (!has_tensor(m, sname))
+        return moecal_error_set(MOECAL_ERR_FORMAT, "%s: FP8 tensor '%s' has no '%s' in "
+                                "the checkpoint", moecal_st_path(w->f), name, sname);
+    MOECAL_TRY(moecal_model_find(m, sname, &sf, &st));
+    if (st->ndim != 2 || (uint64_t)st->shape[0] != nbr || (uint64_t)st->shape[1] != nbc) {
+        fmt_shape(shp, sizeof shp, st);
+        return moecal_error_set(MOECAL_ERR_FORMAT, "%s: tensor '%s' has shape %s but "
+                                "[%zu, %zu] was expected for weight [%zu, %zu] with "
+                                "%zux%zu blocks", moecal_st_path(sf), sname, shp, nbr, nbc,
+                                rows, cols, block, block);
+    }
+    if (st->dtype != MOECAL_DT_F32)
+        return moecal_error_set(MOECAL_ERR_FORMAT, "%s: tensor '%s' has dtype %s but F32 "
+                                "was expected", moecal_st_path(sf), sname, st->dtype_name);
+    w->scale = malloc(nbr * nbc * sizeof *w->scale);
+    if (w->scale == NULL)
+        return moecal_error_set(MOECAL_ERR_NOMEM, "%s: out of memory for '%s'",
+                                moecal_st_path(sf), sname);
+    rc = moecal_st_read(sf, st, w->scale, nbr * nbc * sizeof *w->scale);
+    if (rc == MOECAL_OK && (rc = moecal_fp8_check_scales(w->scale, nbr, nbc)) != MOECAL_OK)
+        moecal_error_prefix("%s: tensor '%s': ", moecal_st_path(sf), sname);
+    if (rc != MOECAL_OK) {
+        free(w->scale);
+        w->scale = NULL;
+        return rc;
+    }
+    w->nbr = nbr;
+    w->nbc = nbc;
+    return MOECAL_OK;
+}
+
+static moecal_status nan_error(const tensor_2d *w, const char *name, uint64_t n, bool rounded)
+{
+    return moecal_error_set(MOECAL_ERR_NONFINITE, "%s: tensor '%s' holds %llu NaN or Inf "
+                            "values%s", moecal_st_path(w->f), name, (unsigned long long)n,
+                            rounded ? " (after rounding to bf16)" : "");
+}
+
 /* Load a 2-D tensor `name` of shape [rows, cols] (F8_E4M3 with its
  * weight_scale_inv, BF16, F16 or F32) into dst as bf16 or float32.  Rejects
  * non-finite values.  expect names where the shape comes from. */
 static moecal_status load_2d(moecal_model *m, const char *name, size_t rows, size_t cols,
                              const char *expect, out_kind kind, void *dst, float *amax)
 {
-    const moecal_st_file *f, *sf;
-    const moecal_st_tensor *t, *st;
-    char shp[96], sname[NAME_MAX_LEN];
+    tensor_2d w;
+    const moecal_st_file *f;
+    const moecal_st_tensor *t;
     size_t n = rows * cols, esz, chunk_rows;
     uint64_t nonfinite = 0;
     uint16_t mx = 0;
@@ -597,56 +684,12 @@ static moecal_status load_2d(moecal_model *m, const char *name, size_t rows, siz
     size_t block = (size_t)m->cfg.weight_block[0];
     moecal_status rc = MOECAL_OK;
 
-    MOECAL_TRY(moecal_model_find(m, name, &f, &t));
-    if (t->ndim != 2 || (uint64_t)t->shape[0] != rows || (uint64_t)t->shape[1] != cols) {
-        fmt_shape(shp, sizeof shp, t);
-        return moecal_error_set(MOECAL_ERR_MISMATCH, "%s: tensor '%s' has shape %s but "
-                                "[%zu, %zu] was expected (%s)", moecal_st_path(f), name, shp,
-                                rows, cols, expect);
-    }
-    switch (t->dtype) {
-    case MOECAL_DT_F8_E4M3:
-    case MOECAL_DT_BF16:
-    case MOECAL_DT_F16:
-    case MOECAL_DT_F32:
-        break;
-    default:
-        return moecal_error_set(MOECAL_ERR_UNSUPPORTED, "%s: tensor '%s' has dtype %s; it must "
-                                "be F8_E4M3 (with weight_scale_inv), BF16, F16 or F32",
-                                moecal_st_path(f), name, t->dtype_name);
-    }
+    MOECAL_TRY(open_2d(m, name, rows, cols, expect, &w));
+    f = w.f;
+    t = w.t;
+    scale = w.scale;
     esz = moecal_dtype_size(t->dtype);
-
     if (t->dtype == MOECAL_DT_F8_E4M3) {
-        size_t nbr = rows / block + (rows % block != 0), nbc = cols / block + (cols % block != 0);
-        size_t nl = strlen(name);
-        /* "<module>.weight" -> "<module>.weight_scale_inv" */
-        if (nl + sizeof "_scale_inv" > sizeof sname)
-            return moecal_error_set(MOECAL_ERR_INTERNAL, "tensor name '%s' too long", name);
-        snprintf(sname, sizeof sname, "%s_scale_inv", name);
-        if (!has_tensor(m, sname))
-            return moecal_error_set(MOECAL_ERR_FORMAT, "%s: FP8 tensor '%s' has no '%s' in "
-                                    "the checkpoint", moecal_st_path(f), name, sname);
-        MOECAL_TRY(moecal_model_find(m, sname, &sf, &st));
-        if (st->ndim != 2 || (uint64_t)st->shape[0] != nbr || (uint64_t)st->shape[1] != nbc) {
-            fmt_shape(shp, sizeof shp, st);
-            return moecal_error_set(MOECAL_ERR_FORMAT, "%s: tensor '%s' has shape %s but "
-                                    "[%zu, %zu] was expected for weight [%zu, %zu] with "
-                                    "%zux%zu blocks", moecal_st_path(sf), sname, shp, nbr, nbc,
-                                    rows, cols, block, block);
-        }
-        if (st->dtype != MOECAL_DT_F32)
-            return moecal_error_set(MOECAL_ERR_FORMAT, "%s: tensor '%s' has dtype %s but F32 "
-                                    "was expected", moecal_st_path(sf), sname, st->dtype_name);
-        scale = malloc(nbr * nbc * sizeof *scale);
-        if (scale == NULL)
-            return moecal_error_set(MOECAL_ERR_NOMEM, "%s: out of memory for '%s'",
-                                    moecal_st_path(sf), sname);
-        rc = moecal_st_read(sf, st, scale, nbr * nbc * sizeof *scale);
-        if (rc == MOECAL_OK && (rc = moecal_fp8_check_scales(scale, nbr, nbc)) != MOECAL_OK)
-            moecal_error_prefix("%s: tensor '%s': ", moecal_st_path(sf), sname);
-        if (rc != MOECAL_OK)
-            goto out;
         /* whole block rows per chunk, so chunks share the scale layout */
         chunk_rows = CHUNK_BYTES / (block * cols) * block;
         if (chunk_rows == 0)
@@ -761,10 +804,7 @@ static moecal_status load_2d(moecal_model *m, const char *name, size_t rows, siz
     }
 check:
     if (nonfinite > 0) {
-        rc = moecal_error_set(MOECAL_ERR_NONFINITE, "%s: tensor '%s' holds %llu NaN or Inf "
-                              "values%s", moecal_st_path(f), name, (ull)nonfinite,
-                              t->dtype == MOECAL_DT_F32 && kind == OUT_BF16
-                                  ? " (after rounding to bf16)" : "");
+        rc = nan_error(&w, name, nonfinite, t->dtype == MOECAL_DT_F32 && kind == OUT_BF16);
         goto out;
     }
     if (amax)
@@ -775,10 +815,23 @@ out:
     return rc;
 }
 
+static moecal_status expert_2d(moecal_model *m, int layer, int expert, int proj, char *name,
+                               size_t *rows, size_t *cols, char *expect, size_t elen);
+
 moecal_status moecal_model_load_expert(moecal_model *m, int layer, int expert, int proj,
                                        uint16_t *dst, float *amax)
 {
     char name[NAME_MAX_LEN], expect[160];
+    size_t rows, cols;
+
+    MOECAL_TRY(expert_2d(m, layer, expert, proj, name, &rows, &cols, expect, sizeof expect));
+    return load_2d(m, name, rows, cols, expect, OUT_BF16, dst, amax);
+}
+
+/* Name, shape and expectation text of an expert projection; checks indices. */
+static moecal_status expert_2d(moecal_model *m, int layer, int expert, int proj, char *name,
+                               size_t *rows, size_t *cols, char *expect, size_t elen)
+{
     size_t H = (size_t)m->cfg.hidden_size, I = (size_t)m->cfg.moe_intermediate_size;
     bool down = proj == MOECAL_W2;
 
@@ -789,13 +842,95 @@ moecal_status moecal_model_load_expert(moecal_model *m, int layer, int expert, i
                                 "(the model has %d routed experts)", m->dir, expert, layer,
                                 m->cfg.n_routed_experts);
     MOECAL_TRY(check_layer(m, layer, "expert weights"));
-    moecal_model_expert_name(m, layer, expert, proj, name, sizeof name);
-    snprintf(expect, sizeof expect, "%s from %s: %s %zu, %s %zu",
+    moecal_model_expert_name(m, layer, expert, proj, name, NAME_MAX_LEN);
+    snprintf(expect, elen, "%s from %s: %s %zu, %s %zu",
              down ? "[hidden_size, moe_intermediate_size]"
                   : "[moe_intermediate_size, hidden_size]",
              m->cfg_path, down ? "hidden_size" : "moe_intermediate_size", down ? H : I,
              down ? "moe_intermediate_size" : "hidden_size", down ? I : H);
-    return load_2d(m, name, down ? H : I, down ? I : H, expect, OUT_BF16, dst, amax);
+    *rows = down ? H : I;
+    *cols = down ? I : H;
+    return MOECAL_OK;
+}
+
+moecal_status moecal_model_load_expert_fp8(moecal_model *m, int layer, int expert, int proj,
+                                           uint8_t *q, float *scale_inv, float *amax)
+{
+    char name[NAME_MAX_LEN], expect[160];
+    size_t rows, cols;
+    tensor_2d w;
+    uint64_t nn = 0;
+    moecal_status rc;
+
+    MOECAL_TRY(expert_2d(m, layer, expert, proj, name, &rows, &cols, expect, sizeof expect));
+    MOECAL_TRY(open_2d(m, name, rows, cols, expect, &w));
+    if (w.t->dtype != MOECAL_DT_F8_E4M3)
+        return moecal_error_set(MOECAL_ERR_UNSUPPORTED, "%s: tensor '%s' is %s, not F8_E4M3",
+                                moecal_st_path(w.f), name, w.t->dtype_name);
+    rc = moecal_st_read(w.f, w.t, q, rows * cols);
+    if (rc == MOECAL_OK)
+        rc = moecal_fp8_block_amax(q, rows, cols, w.scale, w.block, &nn, amax);
+    if (rc == MOECAL_OK && nn > 0)
+        rc = nan_error(&w, name, nn, false);
+    if (rc == MOECAL_OK)
+        memcpy(scale_inv, w.scale, w.nbr * w.nbc * sizeof *scale_inv);
+    free(w.scale);
+    return rc;
+}
+
+moecal_status moecal_model_expert_amax(moecal_model *m, int layer, int expert, int proj,
+                                       float *amax)
+{
+    char name[NAME_MAX_LEN], expect[160];
+    size_t rows, cols;
+    tensor_2d w;
+    moecal_status rc = MOECAL_OK;
+
+    MOECAL_TRY(expert_2d(m, layer, expert, proj, name, &rows, &cols, expect, sizeof expect));
+    MOECAL_TRY(open_2d(m, name, rows, cols, expect, &w));
+    if (w.t->dtype != MOECAL_DT_F8_E4M3) {
+        /* other dtypes: convert as for the backend, then scan */
+        uint16_t *tmp = malloc((rows * cols > 0 ? rows * cols : 1) * sizeof *tmp);
+        if (tmp == NULL)
+            return moecal_error_set(MOECAL_ERR_NOMEM, "%s: out of memory for '%s'",
+                                    moecal_st_path(w.f), name);
+        rc = load_2d(m, name, rows, cols, expect, OUT_BF16, tmp, amax);
+        free(tmp);
+        return rc;
+    }
+    /* FP8: the codes only, in chunks of whole block rows */
+    size_t chunk_rows = CHUNK_BYTES / (w.block * cols) * w.block;
+    uint64_t nn = 0;
+    float mx = 0.0f;
+    uint8_t *scratch;
+    if (chunk_rows == 0)
+        chunk_rows = w.block;
+    if (chunk_rows > rows)
+        chunk_rows = rows;
+    scratch = malloc(chunk_rows * cols > 0 ? chunk_rows * cols : 1);
+    if (scratch == NULL) {
+        free(w.scale);
+        return moecal_error_set(MOECAL_ERR_NOMEM, "%s: out of memory for '%s'",
+                                moecal_st_path(w.f), name);
+    }
+    for (size_t r0 = 0; r0 < rows && rc == MOECAL_OK; r0 += chunk_rows) {
+        size_t nr = rows - r0 < chunk_rows ? rows - r0 : chunk_rows;
+        uint64_t cn = 0;
+        float ca = 0.0f;
+        rc = moecal_st_read_range(w.f, w.t, (uint64_t)r0 * cols, scratch, nr * cols);
+        if (rc == MOECAL_OK)
+            rc = moecal_fp8_block_amax(scratch, nr, cols, w.scale + (r0 / w.block) * w.nbc,
+                                       w.block, &cn, &ca);
+        nn += cn;
+        mx = ca > mx ? ca : mx;
+    }
+    if (rc == MOECAL_OK && nn > 0)
+        rc = nan_error(&w, name, nn, false);
+    if (rc == MOECAL_OK && amax)
+        *amax = mx;
+    free(scratch);
+    free(w.scale);
+    return rc;
 }
 
 moecal_status moecal_model_load_gate(moecal_model *m, int layer, float *weight, float *bias)

@@ -52,6 +52,16 @@ moecal_status moecal_model_find(moecal_model *m, const char *name,
  * value).  A weight holding NaN or Inf is refused (MOECAL_ERR_NONFINITE). */
 moecal_status moecal_model_load_expert(moecal_model *m, int layer, int expert, int proj,
                                        uint16_t *dst, float *amax);
+/* The same projection stored as F8_E4M3, kept raw: q [rows*cols] codes and
+ * scale_inv [ceil(rows/B)][ceil(cols/B)] (B = quantization block), with every
+ * check of moecal_model_load_expert (NaN codes and bad scales refused) and
+ * the same *amax.  MOECAL_ERR_UNSUPPORTED when the tensor is another dtype. */
+moecal_status moecal_model_load_expert_fp8(moecal_model *m, int layer, int expert, int proj,
+                                           uint8_t *q, float *scale_inv, float *amax);
+/* Only *amax of moecal_model_load_expert, with its checks: for F8_E4M3 from
+ * the codes and block scales, without dequantizing. */
+moecal_status moecal_model_expert_amax(moecal_model *m, int layer, int expert, int proj,
+                                       float *amax);
 /* Router weight [E, H] as float32 (from F8_E4M3, BF16, F16 or F32), and
  * e_score_correction_bias [E] (F32, BF16 or F16; bias may be NULL; it must be
  * non-NULL exactly when cfg->has_correction_bias).  NaN/Inf are refused. */

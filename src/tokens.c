@@ -1,11 +1,12 @@
-/* tokens.c - node-shared, double-buffered token chunks; see tokens.h.
+/* tokens.c - node-shared, multi-buffered token chunks; see tokens.h.
  *
- * Window layout (allocated by node rank 0, two slots):
+ * Window layout (allocated by node rank 0, nslots slots, 2 or 3):
  *   slot = [slot_header][rows: chunk_tokens x H bf16][skip: chunk_tokens bytes]
- * Step s uses slot s % 2.  A step on the leader: wait for the I/O thread's
- * read of its part of step s, exchange parts with the other leaders, publish
- * the slot header, node barrier (after which every node rank is done with
- * step s - 1, whose slot is free), then start reading step s + 1 into it.
+ * Step s uses slot s % nslots.  A step on the leader: wait for the I/O
+ * thread's read of its part of step s, exchange parts with the other
+ * leaders, publish the slot header, node barrier (after which every node
+ * rank is done with step s + 1 - nslots, whose slot is free), then start
+ * reading step s + 1 into it.
  */
 #include "config.h"
 
@@ -53,6 +54,7 @@ struct moecal_tokens {
     MPI_Win win;
     char *base;            /* slot 0 */
     size_t slot_bytes;
+    int nslots;
     MPI_Datatype row_type; /* one row of H bf16 */
     int *counts, *displs;  /* per leader, in rows */
     moecal_act *act;       /* leaders only */
@@ -66,12 +68,12 @@ struct moecal_tokens {
 
 static slot_header *slot_hdr(moecal_tokens *t, int64_t s)
 {
-    return (slot_header *)(t->base + (size_t)(s % 2) * t->slot_bytes);
+    return (slot_header *)(t->base + (size_t)(s % t->nslots) * t->slot_bytes);
 }
 
 static uint16_t *slot_rows(moecal_tokens *t, int64_t s)
 {
-    return (uint16_t *)(t->base + (size_t)(s % 2) * t->slot_bytes + HEADER_BYTES);
+    return (uint16_t *)(t->base + (size_t)(s % t->nslots) * t->slot_bytes + HEADER_BYTES);
 }
 
 static uint8_t *slot_skip(moecal_tokens *t, int64_t s)
@@ -162,7 +164,7 @@ static void io_wait(moecal_tokens *t, io_job *out)
 moecal_status moecal_tokens_create(const moecal_comm *c, const char *path, int hidden,
                                    const int *layers, int nlayers, int64_t ntokens,
                                    int64_t chunk_tokens, moecal_nonfinite policy,
-                                   int64_t first_step, moecal_tokens **out)
+                                   int64_t first_step, int nslots, moecal_tokens **out)
 {
     moecal_tokens *t;
     int64_t nchunks, s = 0;
@@ -178,6 +180,7 @@ moecal_status moecal_tokens_create(const moecal_comm *c, const char *path, int h
     if (!t)
         return moecal_error_set(MOECAL_ERR_NOMEM, "out of memory (token stream)");
     t->c = c;
+    t->nslots = nslots == 3 ? 3 : 2;
     t->hidden = hidden;
     t->chunk_tokens = chunk_tokens;
     t->policy = policy;
@@ -205,7 +208,7 @@ moecal_status moecal_tokens_create(const moecal_comm *c, const char *path, int h
     rows_bytes = (size_t)chunk_tokens * (size_t)hidden * sizeof(uint16_t);
     t->slot_bytes = (HEADER_BYTES + rows_bytes + (size_t)chunk_tokens + 63) & ~(size_t)63;
     if (c->node_rank == 0)
-        size = (MPI_Aint)(2 * t->slot_bytes);
+        size = (MPI_Aint)((size_t)t->nslots * t->slot_bytes);
     MOECAL_MPI_CHECK(MPI_Win_allocate_shared(size, 1, MPI_INFO_NULL, c->node, &t->base,
                                              &t->win));
     MOECAL_MPI_CHECK(MPI_Win_shared_query(t->win, 0, &size, &disp_unit, &t->base));
@@ -294,7 +297,7 @@ moecal_status moecal_tokens_next(moecal_tokens *t, moecal_chunk *out)
         t->wait_s += moecal_now() - t0;
         MOECAL_TRY(exchange(t, s, &j));
     }
-    /* Publish the slot to the node; afterwards nobody uses step s - 1. */
+    /* Publish the slot to the node; afterwards nobody uses step s + 1 - nslots. */
     MOECAL_MPI_CHECK(MPI_Win_sync(t->win));
     MOECAL_MPI_CHECK(MPI_Barrier(c->node));
     MOECAL_MPI_CHECK(MPI_Win_sync(t->win));
@@ -315,6 +318,12 @@ moecal_status moecal_tokens_next(moecal_tokens *t, moecal_chunk *out)
     out->nskipped = h->nskipped;
     t->next++;
     return MOECAL_OK;
+}
+
+void moecal_tokens_window(const moecal_tokens *t, void **base, size_t *bytes)
+{
+    *base = t->base;
+    *bytes = (size_t)t->nslots * t->slot_bytes;
 }
 
 void moecal_tokens_quiesce(moecal_tokens *t)

@@ -30,16 +30,20 @@ typedef struct moecal_chunk {
 
 /* Collective over c->world.  path is opened by the node leaders only.
  * Steps run over layers[0..nlayers) x chunks of chunk_tokens rows of
- * [0, ntokens), starting at step first_step (a resumed run). */
+ * [0, ntokens), starting at step first_step (a resumed run).  nslots (2 or
+ * 3) chunks live in the window: with 3, a rank may keep chunk s in use while
+ * it takes chunk s + 1. */
 moecal_status moecal_tokens_create(const moecal_comm *c, const char *path, int hidden,
                                    const int *layers, int nlayers, int64_t ntokens,
                                    int64_t chunk_tokens, moecal_nonfinite policy,
-                                   int64_t first_step, moecal_tokens **out);
-/* Collective: the next chunk.  The previous chunk's memory is reused, so call
- * this only when done with it.  A read or non-finite error on any leader is
+                                   int64_t first_step, int nslots, moecal_tokens **out);
+/* Collective: the next chunk, step s.  The memory of step s + 1 - nslots is
+ * reused, so call this only when done with that step.  A read or non-finite error on any leader is
  * returned on every rank: the rank that found it returns its status and
  * message; the others return MOECAL_ERR_PEER. */
 moecal_status moecal_tokens_next(moecal_tokens *t, moecal_chunk *out);
+/* The node-shared window holding every slot (to page-lock it for a GPU). */
+void moecal_tokens_window(const moecal_tokens *t, void **base, size_t *bytes);
 /* Wait until the I/O thread is idle (its read of the next chunk is done), so
  * that the calling thread may use HDF5 (which is not thread-safe here). */
 void moecal_tokens_quiesce(moecal_tokens *t);

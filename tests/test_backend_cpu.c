@@ -236,7 +236,7 @@ static moecal_backend *make_backend(const problem *p, bool all, int threads, int
 {
     moecal_backend_config bc;
     moecal_backend *b = NULL;
-    moecal_layer_weights w;
+    moecal_layer_weights w = {0};
 
     memset(&bc, 0, sizeof bc);
     bc.model = &p->cfg;

@@ -174,7 +174,7 @@ static moecal_backend *make_backend(const moecal_backend_ops *ops, const problem
 {
     moecal_backend_config bc;
     moecal_backend *b = NULL;
-    moecal_layer_weights w;
+    moecal_layer_weights w = {0};
 
     memset(&bc, 0, sizeof bc);
     bc.model = &p->cfg;
@@ -643,6 +643,99 @@ static void test_memory_limit_and_device(void **state)
     problem_free(&p);
 }
 
+/* FP8 weights: the CUDA backend dequantizes raw e4m3 blocks itself
+ * (fp8_weights).  Its results must be bit-identical to the same backend
+ * given the host's dequantization (moecal_fp8_dequant_bf16), and agree with
+ * the CPU backend as every other case does.  Blocks that do not divide H
+ * or I; every finite code; scales over many octaves. */
+static void fp8_case(int H, int I, int block, uint64_t seed)
+{
+    problem p;
+    problem_make(&p, MOECAL_SCORING_SIGMOID, 16, 4, 2, 4, H, I, 2, 11, 900, seed);
+    p.cfg.weight_block[0] = p.cfg.weight_block[1] = block;
+    const int nloc = p.e1 - p.e0;
+    const size_t per = (size_t)I * H;
+    const size_t nbr = (size_t)(I + block - 1) / block, nbc = (size_t)(H + block - 1) / block;
+    uint8_t *q[2];
+    float *sc[2];
+    for (int half = 0; half < 2; half++) {
+        q[half] = xcalloc((size_t)nloc * per, 1);
+        sc[half] = xcalloc((size_t)nloc * nbr * nbc, sizeof(float));
+        for (size_t i = 0; i < (size_t)nloc * per; i++) {
+            uint8_t c;
+            do
+                c = (uint8_t)(urand() * 256.0);
+            while ((c & 0x7f) == 0x7f);
+            q[half][i] = c;
+        }
+        for (size_t i = 0; i < (size_t)nloc * nbr * nbc; i++)
+            sc[half][i] = (float)(ldexp(1.0 + urand(), -16 + (int)(urand() * 10.0)));
+        for (int e = 0; e < nloc; e++) {
+            uint16_t *dst = (half ? p.w3 : p.w1) + (size_t)e * per;
+            assert_int_equal(moecal_fp8_dequant_bf16(q[half] + (size_t)e * per, (size_t)I,
+                                                     (size_t)H, sc[half] + (size_t)e * nbr * nbc,
+                                                     (size_t)block, dst, NULL, NULL),
+                             MOECAL_OK);
+        }
+    }
+
+    result cpu = result_new(nloc), gpu = result_new(nloc), gpu8 = result_new(nloc);
+    set_step(0);
+    run(&moecal_backend_cpu, &p, false, p.ntok, &cpu);
+    run(&moecal_backend_cuda, &p, false, p.ntok, &gpu);
+    compare(&p, false, &gpu, &cpu);
+
+    moecal_backend_config bc;
+    moecal_backend *b = NULL;
+    moecal_layer_weights w;
+    memset(&bc, 0, sizeof bc);
+    memset(&w, 0, sizeof w);
+    bc.model = &p.cfg;
+    bc.e0 = p.e0;
+    bc.e1 = p.e1;
+    bc.max_chunk_tokens = p.ntok;
+    bc.device = 0;
+    assert_true(moecal_backend_cuda.fp8_weights);
+    assert_int_equal(moecal_backend_cuda.create(&bc, &b), MOECAL_OK);
+    w.layer = 3;
+    w.gate = p.gate;
+    w.bias = p.bias;
+    w.w1_fp8 = q[0];
+    w.w3_fp8 = q[1];
+    w.w1_scale = sc[0];
+    w.w3_scale = sc[1];
+    w.block = block;
+    if (moecal_backend_cuda.load_layer(b, &w) != MOECAL_OK)
+        fail_msg("load_layer (FP8): %s", moecal_error_message());
+    moecal_chunk_stats st = {gpu8.tokens, gpu8.amax_x, gpu8.amax_h};
+    if (moecal_backend_cuda.run_chunk(b, p.x, p.ntok, NULL, &st) != MOECAL_OK)
+        fail_msg("run_chunk: %s", moecal_error_message());
+    moecal_backend_cuda.destroy(b);
+    for (int e = 0; e < nloc; e++) {
+        assert_int_equal(gpu8.tokens[e], gpu.tokens[e]);
+        assert_memory_equal(&gpu8.amax_x[e], &gpu.amax_x[e], sizeof(float));
+        if (memcmp(&gpu8.amax_h[e], &gpu.amax_h[e], sizeof(float)) != 0)
+            fail_msg("expert %d: amax(h) %.9g from FP8 on the GPU, %.9g from the host's "
+                     "dequantization", p.e0 + e, (double)gpu8.amax_h[e], (double)gpu.amax_h[e]);
+    }
+    result_free(&cpu);
+    result_free(&gpu);
+    result_free(&gpu8);
+    for (int half = 0; half < 2; half++) {
+        free(q[half]);
+        free(sc[half]);
+    }
+    problem_free(&p);
+}
+
+static void test_fp8_weights(void **state)
+{
+    (void)state;
+    fp8_case(200, 72, 64, 31);   /* partial blocks in both dimensions */
+    fp8_case(37, 19, 8, 32);     /* odd sizes, scalar paths */
+    fp8_case(256, 128, 128, 33); /* whole blocks */
+}
+
 static void test_registry(void **state)
 {
     (void)state;
@@ -671,6 +764,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_async_misuse),
         cmocka_unit_test(test_nonfinite_weights_refused),
         cmocka_unit_test(test_memory_limit_and_device),
+        cmocka_unit_test(test_fp8_weights),
         cmocka_unit_test(test_registry),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -434,6 +434,15 @@ static void run_dequant_case(size_t rows, size_t cols, size_t block, int with_na
     assert_int_equal(moecal_fp8_dequant_bf16(q, rows, cols, s, block, out, &n_nan, &amax),
                      MOECAL_OK);
     check_dequant(q, rows, cols, s, block, out, n_nan, amax);
+    /* the amax alone, from the codes: the same bits and NaN count */
+    {
+        uint64_t n2 = 777;
+        float a2 = -1.0f;
+        assert_int_equal(moecal_fp8_block_amax(q, rows, cols, s, block, &n2, &a2), MOECAL_OK);
+        assert_int_equal(n2, n_nan);
+        assert_memory_equal(&a2, &amax, sizeof a2);
+        assert_int_equal(moecal_fp8_block_amax(q, rows, cols, s, block, NULL, NULL), MOECAL_OK);
+    }
     /* NULL outputs are allowed */
     assert_int_equal(moecal_fp8_dequant_bf16(q, rows, cols, s, block, out, NULL, NULL),
                      MOECAL_OK);

@@ -378,6 +378,26 @@ static void check_fp8_expert(moecal_model *m, int L, int e, int p)
         }
     }
     assert_true(amax == want_amax);
+    /* the amax alone, and the raw codes with their scales */
+    {
+        size_t nbr = (rows + DS_B - 1) / DS_B;
+        uint8_t *q = malloc(rows * cols);
+        float *sc = malloc(nbr * nbc * sizeof *sc), a2 = -1.0f, a3 = -1.0f;
+        assert_non_null(q);
+        assert_non_null(sc);
+        if (moecal_model_expert_amax(m, L, e, p, &a2) != MOECAL_OK)
+            fail_msg("amax %s: %s", wn, moecal_error_message());
+        assert_memory_equal(&a2, &amax, sizeof a2);
+        if (moecal_model_load_expert_fp8(m, L, e, p, q, sc, &a3) != MOECAL_OK)
+            fail_msg("load raw %s: %s", wn, moecal_error_message());
+        assert_memory_equal(&a3, &amax, sizeof a3);
+        for (size_t i = 0; i < rows * cols; i++)
+            assert_int_equal(q[i], gen_code(wn, i));
+        for (size_t i = 0; i < nbr * nbc; i++)
+            assert_true(sc[i] == gen_scale(sn, i));
+        free(q);
+        free(sc);
+    }
     free(w);
 }
 
@@ -671,6 +691,25 @@ static void bad_expert(void (*edit)(ckpt *), int nshards, int L, int e, int p,
     assert_msg_has(n1);
     if (n2)
         assert_msg_has(n2);
+    /* the amax alone and the raw FP8 load fail the same way (an FP8 load of a
+     * tensor of another dtype is refused as unsupported) */
+    {
+        float a;
+        uint8_t *q = malloc(DS_H * DS_I);
+        float *sc = malloc(DS_H * DS_I * sizeof *sc);
+        assert_non_null(q);
+        assert_non_null(sc);
+        rc = moecal_model_expert_amax(m, L, e, p, &a);
+        if (rc != code)
+            fail_msg("amax: status %d, want %d (%s)", rc, code, moecal_error_message());
+        assert_msg_has(n1);
+        rc = moecal_model_load_expert_fp8(m, L, e, p, q, sc, &a);
+        if (rc != code)
+            fail_msg("raw load: status %d, want %d (%s)", rc, code, moecal_error_message());
+        assert_msg_has(n1);
+        free(q);
+        free(sc);
+    }
     /* the model stays usable after a failed load */
     assert_int_equal(moecal_model_load_expert(m, 1, 0, MOECAL_W1, w, NULL), MOECAL_OK);
     moecal_model_close(m);
@@ -801,6 +840,25 @@ static void test_bad_values(void **state)
     assert_msg_has("bad-s.safetensors: tensor "
                    "'model.layers.1.mlp.experts.0.up_proj.weight_scale_inv': weight_scale_inv "
                    "block [2, 3] is -0.5");
+    /* the same refusals without dequantizing (amax alone, raw FP8) */
+    {
+        float a, *sc = malloc(DS_H * DS_I * sizeof *sc);
+        uint8_t *codes = malloc(DS_H * DS_I);
+        assert_non_null(sc);
+        assert_non_null(codes);
+        assert_int_equal(moecal_model_expert_amax(m, 1, 0, MOECAL_W1, &a), MOECAL_ERR_NONFINITE);
+        assert_msg_has("tensor 'model.layers.1.mlp.experts.0.gate_proj.weight' holds 2 NaN");
+        assert_int_equal(moecal_model_load_expert_fp8(m, 1, 0, MOECAL_W1, codes, sc, &a),
+                         MOECAL_ERR_NONFINITE);
+        assert_msg_has("tensor 'model.layers.1.mlp.experts.0.gate_proj.weight' holds 2 NaN");
+        assert_int_equal(moecal_model_expert_amax(m, 1, 0, MOECAL_W3, &a), MOECAL_ERR_FORMAT);
+        assert_msg_has("weight_scale_inv block [2, 3] is -0.5");
+        assert_int_equal(moecal_model_load_expert_fp8(m, 1, 0, MOECAL_W3, codes, sc, &a),
+                         MOECAL_ERR_FORMAT);
+        assert_msg_has("weight_scale_inv block [2, 3] is -0.5");
+        free(sc);
+        free(codes);
+    }
     assert_int_equal(moecal_model_load_gate(m, 1, gate, bias), MOECAL_ERR_NONFINITE);
     assert_msg_has("'model.layers.1.mlp.gate.e_score_correction_bias' holds a NaN or Inf at "
                    "expert 1");
