@@ -46,7 +46,8 @@
  * Why the router is not a cuBLAS SGEMM: the selection must be identical to
  * the CPU backend's for the same inputs, and a float32 GEMM's summation order
  * (hence its last bit, hence a top-k choice on a near-tie) belongs to the
- * library.  route_math.h defines the logits and exp bit for bit; the cost is
+ * library.  route_math.h defines the logits and exp bit for bit, and the CPU
+ * backend and router.c follow it too; the cost is
  * an FP64 GEMM of [n x H] x [H x E] (0.8% of the expert GEMM's FLOPs for
  * DeepSeek-V3, at a twenty-third of the bf16 rate: bench/NOTES-cuda.md).
  *

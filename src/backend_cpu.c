@@ -7,11 +7,13 @@
  * Per chunk:
  *   1. non-skipped rows are widened to float into a compact buffer, with
  *      each row's max |x| (exact: a max of stored values);
- *   2. router logits x Wg^T (sgemm, float32) and the model's top-k, in
- *      blocks of ROUTE_BLOCK rows (top-k mode only).  Every router sgemm has
- *      the same shape (the last block is padded with zero rows), so a
- *      token's logits, hence its experts and amax(x), do not depend on where
- *      chunk boundaries fall or on the thread count;
+ *   2. router logits and the model's top-k, in blocks of ROUTE_BLOCK rows
+ *      (top-k mode only).  Logits follow route_math.h to the bit: products
+ *      summed in double in ascending h for each expert, rounded once to
+ *      float, so a token's experts and amax(x) do not depend on chunk
+ *      boundaries, the thread count, the BLAS or the machine, and are the
+ *      CUDA backend's too (vectorised across experts, which keeps each
+ *      expert's order);
  *   3. a counting sort of the selections gives each local expert its rows in
  *      ascending token order;
  *   4. work items of at most ROW_BLOCK rows of one expert run in parallel
@@ -81,6 +83,7 @@ typedef struct thread_buf {
     float *xg;           /* [ROW_BLOCK][H] gathered rows */
     float *ab;           /* [ROW_BLOCK][2I] a | b */
     void *router;        /* router scratch */
+    double *acc;         /* [E] logit accumulators */
     double t[5];         /* seconds in gather, gemm, act */
     char pad[64];        /* keep neighbours' counters off this cache line */
 } thread_buf;
@@ -93,6 +96,7 @@ struct moecal_backend {
     int layer;                   /* -1 before the first load_layer */
 
     float *gate;                 /* [E][H] */
+    double *gate_t;              /* [H][E]: the gate transposed, for the logits */
     float *bias;                 /* [E] */
     bool has_bias;
     float *w13;                  /* [nloc][2I][H] */
@@ -185,10 +189,12 @@ static void cpu_destroy(moecal_backend *b)
             free(b->tb[i].xg);
             free(b->tb[i].ab);
             free(b->tb[i].router);
+            free(b->tb[i].acc);
         }
         free(b->tb);
     }
     free(b->gate);
+    free(b->gate_t);
     free(b->bias);
     free(b->w13);
     free(b->xf);
@@ -269,6 +275,7 @@ static moecal_status cpu_create(const moecal_backend_config *cfg, moecal_backend
         return moecal_error_set(MOECAL_ERR_NOMEM, "cpu backend: expert weights too large");
     }
     b->gate = alloc_array((size_t)b->E, H * sizeof(float));
+    b->gate_t = alloc_array((size_t)b->E, H * sizeof(double));
     b->bias = alloc_array((size_t)b->E, sizeof(float));
     b->w13 = alloc_array(wsz, H * sizeof(float));
     /* router blocks are always full: room for the zero rows of the last */
@@ -280,7 +287,7 @@ static moecal_status cpu_create(const moecal_backend_config *cfg, moecal_backend
     b->fill = alloc_array(nloc, sizeof(int64_t));
     b->items = alloc_array((size_t)nblk, sizeof(work_item));
     b->tb = calloc((size_t)b->nthreads, sizeof(thread_buf));
-    bool ok = b->gate && b->bias && b->w13 && b->xf && b->rowmax && b->src_row && b->offs &&
+    bool ok = b->gate && b->gate_t && b->bias && b->w13 && b->xf && b->rowmax && b->src_row && b->offs &&
               b->fill && b->items && b->tb;
     if (ok && !b->all_experts) {
         b->logits = alloc_array(mt_pad, (size_t)b->E * sizeof(float));
@@ -294,7 +301,8 @@ static moecal_status cpu_create(const moecal_backend_config *cfg, moecal_backend
         t->xg = b->all_experts ? NULL : alloc_array(ROW_BLOCK, H * sizeof(float));
         t->ab = alloc_array(ROW_BLOCK, I2 * sizeof(float));
         t->router = alloc_array(moecal_router_scratch_size(m), 1);
-        ok = (t->xg || b->all_experts) && t->ab && t->router;
+        t->acc = alloc_array((size_t)b->E, sizeof(double));
+        ok = (t->xg || b->all_experts) && t->ab && t->router && t->acc;
     }
     if (!ok) {
         cpu_destroy(b);
@@ -335,6 +343,9 @@ static moecal_status cpu_load_layer(moecal_backend *b, const moecal_layer_weight
                                     "is %g", w->layer, i / H, i % H, (double)w->gate[i]);
     }
     memcpy(b->gate, w->gate, gsz * sizeof(float));
+    for (size_t e = 0; e < (size_t)b->E; e++)
+        for (size_t h = 0; h < H; h++)
+            b->gate_t[h * (size_t)b->E + e] = (double)w->gate[e * H + h];
     b->has_bias = w->bias != NULL;
     if (b->has_bias) {
         for (int e = 0; e < b->E; e++) {
@@ -417,6 +428,23 @@ static float activation_amax(const float *ab, int64_t n, size_t NI, int32_t *nan
     return m;
 }
 
+/* One token's logits, route_math.h's moecal_route_logit_f for every expert:
+ * acc[e] += x[h] * g[e][h] for ascending h, each product exact in double (so
+ * contraction to fma changes nothing), from +0.0; vectorised over e. */
+static void route_logits(const double *gate_t, const float *x, size_t H, size_t E, double *acc,
+                         float *out)
+{
+    for (size_t e = 0; e < E; e++)
+        acc[e] = 0.0;
+    for (size_t h = 0; h < H; h++) {
+        const double xv = (double)x[h], *g = gate_t + h * E;
+        for (size_t e = 0; e < E; e++)
+            acc[e] += xv * g[e];
+    }
+    for (size_t e = 0; e < E; e++)
+        out[e] = (float)acc[e];
+}
+
 static moecal_status cpu_run_chunk(moecal_backend *b, const uint16_t *x, int64_t ntok,
                                    const uint8_t *skip, moecal_chunk_stats *out)
 {
@@ -471,8 +499,10 @@ OMP_PARALLEL_FOR(num_threads(b->nthreads) schedule(dynamic, 1))
             int64_t r0 = blk * ROUTE_BLOCK;
             int64_t nr = nvalid - r0 < ROUTE_BLOCK ? nvalid - r0 : ROUTE_BLOCK;
             float *lg = b->logits + (size_t)r0 * (size_t)E;
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, ROUTE_BLOCK, E, (int)H, 1.0f,
-                        b->xf + (size_t)r0 * H, (int)H, b->gate, (int)H, 0.0f, lg, E);
+            double *acc = b->tb[thread_id()].acc;
+            for (int64_t i = 0; i < nr; i++)
+                route_logits(b->gate_t, b->xf + (size_t)(r0 + i) * H, H, (size_t)E, acc,
+                             lg + (size_t)i * (size_t)E);
             moecal_router_select_scratch(&b->model, lg, bias, nr, b->sel + (size_t)r0 * k,
                                          NULL, b->tb[thread_id()].router);
         }

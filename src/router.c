@@ -1,6 +1,10 @@
 /* router.c - expert selection of DeepSeek-V3, Qwen-MoE and Mixtral routers.
  *
- * Everything is float32, as the models compute their routers.  The top-k is
+ * Everything is float32, as the models compute their routers, with one
+ * exception: exp is route_math.h's moecal_route_expf, which every IEEE-754
+ * machine computes to the same bits (libm's expf differs between C libraries
+ * and CUDA in rare cases), so the CPU and CUDA backends select the same
+ * experts.  The top-k is
  * a partial selection: candidates are scanned once in ascending index order
  * and kept in a small descending list, so a token costs O(E) comparisons
  * when k << E and never a full sort.  Scanning in index order and moving a
@@ -13,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "route_math.h"
 #include "router.h"
 
 /* Scratch layout (bytes), all offsets multiples of 4. */
@@ -99,7 +104,7 @@ static inline float no_nan(float v)
 
 static inline float sigmoidf(float x)
 {
-    return 1.0f / (1.0f + expf(-x));
+    return 1.0f / (1.0f + moecal_route_expf(-x));
 }
 
 /* Choice values of one token; returns the softmax denominator (1 for sigmoid)
@@ -127,7 +132,7 @@ static float token_choice(const moecal_model_config *cfg, const float *l, const 
         m = fmaxf(m, l[j]);
     float sum = 0.0f;
     for (int j = 0; j < E; j++) {
-        choice[j] = expf(l[j] - m);
+        choice[j] = moecal_route_expf(l[j] - m);
         sum += choice[j];
     }
     for (int j = 0; j < E; j++)
@@ -236,7 +241,7 @@ void moecal_router_select_scratch(const moecal_model_config *cfg, const float *l
             /* weights are the scores without bias, recomputed exactly as above */
             for (int i = 0; i < k; i++) {
                 float x = l[sel[i]];
-                w[i] = sigmoid ? sigmoidf(x) : expf(x - lmax) / denom;
+                w[i] = sigmoid ? sigmoidf(x) : moecal_route_expf(x - lmax) / denom;
                 sum += w[i];
             }
             if (normalize) {

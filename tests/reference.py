@@ -14,8 +14,11 @@ amax.h5:
 
 The model is computed as it runs in bf16: x is bf16, a = bf16(x W1^T) and
 b = bf16(x W3^T) with float32 accumulation, h = bf16(bf16(silu(a)) * b).
-Routing is the model's router in float32.  Ties between equal scores go to
-the lower expert index (stable sort).  Masked groups (DeepSeek-V3) are -inf.
+Routing is the model's router in float32, its logits x Wg^T computed in
+float64 and rounded once to float32 (moecal's definition, which is the exact
+dot product's rounding up to a double rounding error).  Ties between equal
+scores go to the lower expert index (stable sort).  Masked groups
+(DeepSeek-V3) are -inf.
 
 This file shares no code with moecal on purpose: it parses safetensors,
 decodes FP8 e4m3 from its bit fields and reads the activations itself.
@@ -335,7 +338,8 @@ def calibrate_layer(ck, fam, acts, layer, args, T):
         if args.all_experts:
             member = np.ones((x.shape[0], E), dtype=bool)
         else:
-            sel = route(fam, x @ gate.T, bias)
+            logits = (x.astype(np.float64) @ gate.astype(np.float64).T).astype(np.float32)
+            sel = route(fam, logits, bias)
             member = np.zeros((x.shape[0], E), dtype=bool)
             np.put_along_axis(member, sel, True, axis=1)
         rowmax = np.abs(x).max(axis=1)

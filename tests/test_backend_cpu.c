@@ -4,7 +4,9 @@
  * computes a and b of every selected local expert with plain double loops,
  * rounds them to bf16 and forms h as the model does.  Token counts and
  * amax(x) must match exactly; amax(h) within 1e-2 relative (the backend
- * accumulates in float32 in the BLAS's order).  Odd shapes, a local range in
+ * accumulates in float32 in the BLAS's order).  The reference's logits are
+ * route_math.h's definition, so routing must agree token for token, also
+ * where a float32 GEMM would not (large cancelling terms).  Odd shapes, a local range in
  * the middle, a cold expert, a one-token expert, a hot expert spanning
  * several GEMM blocks, skipped rows, all-experts mode, and 1 vs 2 threads.
  */
@@ -371,6 +373,31 @@ static void test_hot_expert_spans_blocks(void **state)
     problem_free(&p);
 }
 
+static void test_cancellation_routing(void **state)
+{
+    (void)state;
+    problem p;
+    /* Every token carries +-512 on channels 4 and 5, which every gate row
+     * weighs equally: the products cancel exactly, and the logit is the
+     * small rest.  A float32 GEMM (or any other order) loses low bits of the
+     * rest to the large partial sums and flips close choices; the logits of
+     * route_math.h (double, ascending h) keep them, and the reference's
+     * selection must be met token for token. */
+    problem_make(&p, MOECAL_SCORING_SIGMOID, 16, 4, 2, 4, 64, 8, 0, 16, 2000, 13);
+    p.cold = p.one = -1;
+    for (int e = 0; e < 16; e++) {
+        p.gate[(size_t)e * 64] = (float)(0.1 * nrand());
+        p.gate[(size_t)e * 64 + 1] = (float)(0.1 * nrand());
+        p.gate[(size_t)e * 64 + 4] = p.gate[(size_t)e * 64 + 5] = 3.0f + (float)e / 64.0f;
+    }
+    for (int t = 0; t < p.ntok; t++) {
+        p.x[(size_t)t * 64 + 4] = moecal_float_to_bf16(512.0f);
+        p.x[(size_t)t * 64 + 5] = moecal_float_to_bf16(-512.0f);
+    }
+    check_problem(&p, false);
+    problem_free(&p);
+}
+
 static void test_softmax_k1_and_kE(void **state)
 {
     (void)state;
@@ -536,6 +563,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_deepseek_odd_shapes),
         cmocka_unit_test(test_hot_expert_spans_blocks),
+        cmocka_unit_test(test_cancellation_routing),
         cmocka_unit_test(test_softmax_k1_and_kE),
         cmocka_unit_test(test_skip_rows),
         cmocka_unit_test(test_all_experts),

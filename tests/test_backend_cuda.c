@@ -35,7 +35,7 @@
 #include "fp8.h"
 #include "router.h"
 #include "../cuda/backend_cuda.h"
-#include "../cuda/route_math.h"
+#include "route_math.h"
 
 static uint64_t rng_state;
 

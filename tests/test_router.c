@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "route_math.h"
 #include "router.h"
 
 static moecal_model_config deepseek(int E, int G, int TG, int k)
@@ -264,6 +265,58 @@ static void test_nan_competes_as_minus_inf(void **state)
     assert_int_equal(sel[2], 2);
 }
 
+/* route_math.h's exp against expl (64-bit significand) rounded to float,
+ * every 331st float of [-104, 89] and the edges: the result must be the
+ * correctly rounded one (the routers of both backends compare these bits). */
+static void test_route_expf(void **state)
+{
+    (void)state;
+    union { float f; uint32_t u; } lo = {-104.0f}, hi = {89.0f}, v;
+    long n = 0, bad = 0;
+
+    /* negative floats: bit patterns from -0 up to -104 */
+    for (uint32_t u = 0x80000000u; u <= lo.u; u += 331) {
+        v.u = u;
+        float want = (float)expl((long double)v.f), got = moecal_route_expf(v.f);
+        bad += memcmp(&want, &got, sizeof got) != 0;
+        n++;
+    }
+    for (uint32_t u = 0; u <= hi.u; u += 331) {
+        v.u = u;
+        float want = (float)expl((long double)v.f), got = moecal_route_expf(v.f);
+        bad += memcmp(&want, &got, sizeof got) != 0;
+        n++;
+    }
+    if (bad != 0)
+        fail_msg("moecal_route_expf: %ld of %ld results are not the correctly rounded exp",
+                 bad, n);
+    assert_true(n > 6000000);
+    assert_true(isnan(moecal_route_expf(NAN)));
+    assert_true(moecal_route_expf(INFINITY) == INFINITY);
+    assert_true(moecal_route_expf(-INFINITY) == 0.0f);
+    assert_true(moecal_route_expf(0.0f) == 1.0f);
+    assert_true(moecal_route_expf(88.8f) == INFINITY);       /* > FLT_MAX */
+    assert_true(moecal_route_expf(-103.5f) > 0.0f);          /* subnormal */
+    assert_true(moecal_route_expf(-104.5f) == 0.0f);
+    assert_true(moecal_route_expf(-100.0f) == (float)expl(-100.0L));
+}
+
+/* The logit: double products of bf16 x float are exact, so the result does
+ * not depend on fma contraction; summation starts from +0.0. */
+static void test_route_logit(void **state)
+{
+    (void)state;
+    uint16_t x[5] = {0x3f80, 0xbf80, 0x4000, 0x0000, 0x8000}; /* 1, -1, 2, 0, -0 */
+    float xf[5] = {1.0f, -1.0f, 2.0f, 0.0f, -0.0f};
+    float g[5] = {0.1f, 0.1f, 3.0e-8f, 5.0f, 5.0f};
+    float l = moecal_route_logit(x, g, 5);
+    assert_true(l == (float)(2.0 * (double)3.0e-8f));
+    assert_memory_equal(&l, &(float){moecal_route_logit_f(xf, g, 5)}, sizeof l);
+    /* an exactly cancelling sum is +0, never -0 */
+    float z = moecal_route_logit(x, g, 2);
+    assert_true(z == 0.0f && !signbit(z));
+}
+
 static void test_bad_config(void **state)
 {
     (void)state;
@@ -457,6 +510,8 @@ int main(void)
         cmocka_unit_test(test_ties_lower_index),
         cmocka_unit_test(test_k_equals_e),
         cmocka_unit_test(test_nan_competes_as_minus_inf),
+        cmocka_unit_test(test_route_expf),
+        cmocka_unit_test(test_route_logit),
         cmocka_unit_test(test_bad_config),
         cmocka_unit_test(test_random_vs_naive),
     };
