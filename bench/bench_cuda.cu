@@ -240,6 +240,80 @@ static void router_kernels(int64_t n, int H, int E)
     printf("#   k_logits (8x8 doubles per thread): %7.2f ms, %5.1f FP64 TFLOP/s\n", t2,
            flop / t2 * 1e-9);
     printf("#   k_select (sigmoid, 8 groups keep 4, k 8): %.2f ms\n", t3);
+
+    /* the DGEMM router (kernels.cuh), in pieces of 8192 tokens as the backend
+     * runs it; its logits must equal k_logits' bit for bit */
+    {
+        const int64_t P = 8192;
+        double *gd, *gn, *xd, *xn, *ld;
+        int2 *fix;
+        unsigned *nfix;
+        float *lg2;
+        CK(cudaMalloc(&gd, (size_t)E * H * 8));
+        CK(cudaMalloc(&gn, (size_t)E * 8));
+        CK(cudaMalloc(&xd, (size_t)P * H * 8));
+        CK(cudaMalloc(&xn, (size_t)P * 8));
+        CK(cudaMalloc(&ld, (size_t)P * E * 8));
+        CK(cudaMalloc(&fix, (size_t)P * E * sizeof(int2)));
+        CK(cudaMalloc(&nfix, 64));
+        CK(cudaMalloc(&lg2, (size_t)n * E * 4));
+        CK(cudaMemset(nfix, 0, 64));
+        cublasHandle_t h;
+        if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS ||
+            cublasSetMathMode(h, CUBLAS_DEFAULT_MATH) != CUBLAS_STATUS_SUCCESS) {
+            fprintf(stderr, "bench_cuda: cublas setup failed\n");
+            exit(1);
+        }
+        k_gate_to_double<<<(unsigned)E, 256>>>(g, E, H, gd, gn);
+        const double nu = (double)H * 0x1p-52, gamma2 = 2.0 * nu / (1.0 - nu) * (1.0 + 0x1p-20);
+        const double one = 1.0, zero = 0.0;
+        const unsigned cap = (unsigned)std::min<int64_t>(P * E, 1 << 20);
+        double tc = 0, tg = 0, tk = 0, tf = 0;
+        for (int64_t r0 = 0; r0 < n; r0 += P) {
+            int64_t m = std::min(P, n - r0);
+            const uint16_t *xp = x + (size_t)r0 * H;
+            float *out = lg2 + (size_t)r0 * E;
+            tc += time_ms([&] { k_x_to_double<<<(unsigned)m, 256>>>(xp, m, H, xd, xn); }, 3);
+            tg += time_ms([&] {
+                cublasDgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, E, (int)m, H, &one, gd, H, xd, H, &zero,
+                            ld, E);
+            }, 3);
+            tk += time_ms([&] {
+                cudaMemsetAsync(nfix, 0, 4);
+                k_logit_check<<<132 * 8, 256>>>(ld, xn, gn, m, E, gamma2, out, fix, cap, nfix);
+            }, 1);
+            tf += time_ms([&] {
+                k_logit_fix<<<132 * 2, 128>>>(xp, g, m, H, E, fix, cap, nfix, out);
+            }, 1);
+        }
+        CK(cudaGetLastError());
+        unsigned long long nf = 0;
+        CK(cudaMemcpy(&nf, nfix + 2, sizeof nf, cudaMemcpyDeviceToHost));
+        nf /= 2; /* time_ms runs each kernel once more to warm up */
+        std::vector<uint32_t> a((size_t)n * E), b2((size_t)n * E);
+        CK(cudaMemcpy(a.data(), lg, a.size() * 4, cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(b2.data(), lg2, b2.size() * 4, cudaMemcpyDeviceToHost));
+        size_t diff = 0;
+        for (size_t i = 0; i < a.size(); i++)
+            diff += a[i] != b2[i];
+        double tsum = tc + tg + tk + tf;
+        printf("#   DGEMM router: convert %.2f + DGEMM %.2f (%.1f FP64 TFLOP/s) + check %.2f + "
+               "fix %.2f = %.2f ms; %llu of %lld logits recomputed; %zu differ from k_logits\n",
+               tc, tg, flop / tg * 1e-9, tk, tf, tsum, nf, (long long)n * E, diff);
+        if (diff != 0) {
+            fprintf(stderr, "bench_cuda: the DGEMM router differs from the exact kernel\n");
+            exit(1);
+        }
+        cublasDestroy(h);
+        CK(cudaFree(gd));
+        CK(cudaFree(gn));
+        CK(cudaFree(xd));
+        CK(cudaFree(xn));
+        CK(cudaFree(ld));
+        CK(cudaFree(fix));
+        CK(cudaFree(nfix));
+        CK(cudaFree(lg2));
+    }
     CK(cudaFree(x));
     CK(cudaFree(g));
     CK(cudaFree(lg));
@@ -333,6 +407,7 @@ struct run_result {
     double wall, load, t[5];
     double tok_min, tok_med, tok_max; /* per expert, last chunk */
     int64_t routed;                   /* sum of counts */
+    unsigned long long fixups;        /* router logits recomputed exactly */
     double gemm_tflops_eff;           /* useful flops / gemm time */
 };
 
@@ -467,6 +542,7 @@ static run_result run_topk(const layer &L, const char *name, int64_t chunk, int6
     double flops_per_row = 2.0 * L.H * 2.0 * L.I;
     double rows = all ? (double)r.tokens * L.E : (double)r.tokens * L.k;
     r.gemm_tflops_eff = r.t[2] > 0 ? rows * flops_per_row / r.t[2] * 1e-12 : 0.0;
+    r.fixups = moecal_backend_cuda_router_fixups(b);
     moecal_backend_cuda.destroy(b);
     return r;
 }
@@ -582,6 +658,10 @@ int main(int argc, char **argv)
     res.push_back(run_topk(L, "top-k 32768 pinned ahead", 32768, t_small, false, true));
     res.push_back(run_topk(L, "top-k 131072 pinned", 131072, total, false));
     res.push_back(run_topk(L, "top-k 131072 pinned ahead", 131072, total, false, true));
+    setenv("MOECAL_CUDA_ROUTER", "dgemm", 1);
+    res.push_back(run_topk(L, "top-k 131072 ahead, DGEMM router", 131072, total, false, true));
+    res.push_back(run_topk(L, "top-k 32768 ahead, DGEMM router", 32768, t_small, false, true));
+    unsetenv("MOECAL_CUDA_ROUTER");
     if (!quick) {
         setenv("MOECAL_CUDA_STEP", "65536", 1);
         res.push_back(run_topk(L, "top-k 131072 ahead step 65536", 131072, total, false, true));
@@ -598,13 +678,13 @@ int main(int argc, char **argv)
     printf("# time split: GPU seconds per phase (phases of different steps overlap)\n");
     printf("%-32s %7s %10s %8s %7s %7s %7s %7s %7s %8s %6s %s\n", "run", "chunk", "tokens/s",
            "wall s", "route", "gather", "gemm", "act", "copy", "gemmTF/s", "ofpeak",
-           "tokens/expert min/med/max");
+           "tokens/expert min/med/max, router fixups");
     for (const run_result &r : res) {
         printf("%-32s %7lld %10.0f %8.3f %7.3f %7.3f %7.3f %7.3f %7.3f %8.1f %5.0f%% "
-               "%.0f/%.0f/%.0f\n",
+               "%.0f/%.0f/%.0f %llu\n",
                r.name.c_str(), (long long)r.chunk, (double)r.tokens / r.wall, r.wall, r.t[0],
                r.t[1], r.t[2], r.t[3], r.t[4], r.gemm_tflops_eff,
-               100.0 * r.gemm_tflops_eff / peak, r.tok_min, r.tok_med, r.tok_max);
+               100.0 * r.gemm_tflops_eff / peak, r.tok_min, r.tok_med, r.tok_max, r.fixups);
     }
     printf("# peak measured cuBLAS rate above: %.1f TFLOP/s; top-k roofline at that rate: %.0f "
            "tokens/s\n", peak, peak * 1e12 / (L.k * 2.0 * L.H * 2.0 * L.I));

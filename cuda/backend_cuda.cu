@@ -53,7 +53,9 @@
  *
  * Tuning knobs, for benchmarks (read once by create): MOECAL_CUDA_STEP
  * (tokens per step), MOECAL_CUDA_PIECE (tokens per copy/route piece),
- * MOECAL_CUDA_STREAMS (GEMM streams, 1 to 8).
+ * MOECAL_CUDA_STREAMS (GEMM streams, 1 to 8), MOECAL_CUDA_ROUTER (exact, the
+ * default, or dgemm: logits from a cuBLAS DGEMM with an error bound, those
+ * the bound cannot settle recomputed exactly; same bits, see kernels.cuh).
  *
  * Memory: create computes what the shard needs (weights plus the step's
  * buffers) and refuses with MOECAL_ERR_NOMEM, giving the sizes, when that
@@ -234,6 +236,13 @@ struct moecal_backend {
     uint8_t *skip[2];
     unsigned *rowmax[2];
     float *logits;                /* [piece][E] */
+    bool dgemm_router;            /* logits by DGEMM + exactness check (else k_logits) */
+    double *gate_d, *gnorm;       /* [E][H], [E] */
+    double *xd, *xnorm, *ld;      /* [piece][H], [piece], [piece][E] */
+    int2 *fix;                    /* [fix_cap] (t, e) to recompute */
+    unsigned *nfix;               /* [0] this piece's count; [2..3] total (uint64) */
+    unsigned fixcap;
+    cublasHandle_t blas_route;
     int32_t *sel;                 /* [step][k] */
     int *cnt[2], *offs[2], *fill[2];
     int32_t *list[2];             /* [step * k] (all-experts: [step]) */
@@ -355,15 +364,23 @@ bool mul_ok(size_t a, size_t b, size_t *out)
  * numbers, so the check and the allocation cannot disagree. */
 struct plan {
     size_t weights, gate, bias, x, skip, rowmax, logits, sel, cnt, list, xg, ab, items, amax, ws;
+    size_t rgate, rpiece, fix;   /* the DGEMM router: gate, per piece, fix list */
     int n_ab;      /* GEMM output buffers: 1 (top-k), 2 (all-experts) */
     bool ok;
     size_t chunk_bytes() const
     {
         return x * 2 + skip * 2 + rowmax * 2 + logits + sel + cnt * 6 + list * 2 + xg +
-               ab * (size_t)n_ab + items * 2 + amax * 4 + ws + 64;
+               ab * (size_t)n_ab + items * 2 + amax * 4 + ws + rgate + rpiece + fix + 64;
     }
     size_t total() const { return weights + gate + bias + chunk_bytes(); }
 };
+
+/* Entries of the DGEMM router's fix list (more fall back to recomputing the
+ * whole piece, see k_logit_fix). */
+unsigned fix_cap(size_t piece, size_t E)
+{
+    return (unsigned)std::min<size_t>(piece * E, (size_t)1 << 20);
+}
 
 plan make_plan(const moecal_backend *b, int64_t step)
 {
@@ -395,6 +412,15 @@ plan make_plan(const moecal_backend *b, int64_t step)
         ok &= mul_ok(S * K, I2 * 2, &p.ab);
         p.n_ab = 1;
         p.items = ((S * K) / ACT_ROWS + nloc + 1) * sizeof(act_item);
+        if (b->dgemm_router) {
+            /* gate in double and its norms; per piece x in double, norms, D */
+            size_t P = (size_t)std::min<int64_t>(step, b->piece), xd;
+            ok &= mul_ok(E, H * 8, &p.rgate);
+            p.rgate += E * 8;
+            ok &= mul_ok(P, H * 8, &xd);
+            p.rpiece = xd + P * 8 + P * E * 8;
+            p.fix = (size_t)fix_cap(P, E) * sizeof(int2) + 64;
+        }
     }
     if (nloc > 0) {
         /* load_layer stages one expert's FP8 w1 or w3 and scales in xg */
@@ -484,7 +510,10 @@ void cuda_destroy(moecal_backend *b)
         if (b->ev_join[i])
             (void)cudaEventDestroy(b->ev_join[i]);
     }
-    void *dptr[] = {b->gate, b->bias, b->w13, b->logits, b->sel, b->xg, b->nvalid, b->first};
+    if (b->blas_route)
+        (void)cublasDestroy(b->blas_route);
+    void *dptr[] = {b->gate, b->bias, b->w13, b->logits, b->sel, b->xg, b->nvalid, b->first,
+                    b->gate_d, b->gnorm, b->xd, b->xnorm, b->ld, b->fix, b->nfix};
     for (void *p : dptr)
         if (p)
             (void)cudaFree(p);
@@ -609,6 +638,18 @@ moecal_status allocate(moecal_backend *b, const plan &p)
     b->xg_bytes = p.xg;
     if (!b->all_experts) {
         MOECAL_TRY(dalloc(b, &b->logits, p.logits));
+        if (b->dgemm_router) {
+            size_t P = (size_t)std::min<int64_t>(b->step, b->piece), E = (size_t)b->E;
+            MOECAL_TRY(dalloc(b, &b->gate_d, E * (size_t)b->H * 8));
+            MOECAL_TRY(dalloc(b, &b->gnorm, E * 8));
+            MOECAL_TRY(dalloc(b, &b->xd, P * (size_t)b->H * 8));
+            MOECAL_TRY(dalloc(b, &b->xnorm, P * 8));
+            MOECAL_TRY(dalloc(b, &b->ld, P * E * 8));
+            b->fixcap = fix_cap(P, E);
+            MOECAL_TRY(dalloc(b, &b->fix, (size_t)b->fixcap * sizeof(int2)));
+            MOECAL_TRY(dalloc(b, &b->nfix, 64));
+            CUDA_CHECK(b->where, cudaMemset(b->nfix, 0, 64));
+        }
         MOECAL_TRY(dalloc(b, &b->sel, p.sel));
         MOECAL_TRY(dalloc(b, &b->ab[0], p.ab));
     }
@@ -636,6 +677,13 @@ moecal_status allocate(moecal_backend *b, const plan &p)
     CUDA_CHECK(b->where, cudaStreamCreateWithFlags(&b->s_copy, cudaStreamNonBlocking));
     CUDA_CHECK(b->where, cudaStreamCreateWithFlags(&b->s_route, cudaStreamNonBlocking));
     CUDA_CHECK(b->where, cudaStreamCreateWithFlags(&b->s_comp, cudaStreamNonBlocking));
+    if (b->dgemm_router) {
+        CUBLAS_CHECK(b->where, cublasCreate(&b->blas_route));
+        CUBLAS_CHECK(b->where, cublasSetStream(b->blas_route, b->s_route));
+        /* native FP64 (no fixed-point emulation): IEEE operations, which the
+         * bound of k_logit_check assumes */
+        CUBLAS_CHECK(b->where, cublasSetMathMode(b->blas_route, CUBLAS_DEFAULT_MATH));
+    }
     for (int i = 0; i < b->nstreams; i++) {
         CUDA_CHECK(b->where, cudaStreamCreateWithFlags(&b->s_gemm[i], cudaStreamNonBlocking));
         CUDA_CHECK(b->where, cudaMalloc(&b->ws[i], WS_BYTES));
@@ -709,6 +757,12 @@ moecal_status cuda_create(const moecal_backend_config *cfg, moecal_backend **out
     b->all_experts = cfg->all_experts;
     b->layer = -1;
     b->nstreams = (int)env_long("MOECAL_CUDA_STREAMS", 4, 1, MAX_STREAMS);
+    {
+        /* exact (default): the FP64 kernel; dgemm: DGEMM + exactness check,
+         * slower on realistic tokens (bench/NOTES-cuda.md, v4) */
+        const char *r = getenv("MOECAL_CUDA_ROUTER");
+        b->dgemm_router = !b->all_experts && r && strcmp(r, "dgemm") == 0;
+    }
     b->copy_threads = cfg->threads > 0 ? std::min(cfg->threads, 64)
                                        : std::min(MAX_COPY_THREADS, bound_cpus());
     if (b->all_experts && b->nstreams < 2)
@@ -964,6 +1018,11 @@ moecal_status cuda_load_layer(moecal_backend *b, const moecal_layer_weights *w)
     if (b->has_bias)
         CUDA_CHECK(b->where, cudaMemcpyAsync(b->bias, w->bias, (size_t)b->E * sizeof(float),
                                              cudaMemcpyHostToDevice, b->s_copy));
+    if (b->dgemm_router) {
+        k_gate_to_double<<<(unsigned)b->E, 256, 0, b->s_copy>>>(b->gate, b->E, b->H, b->gate_d,
+                                                               b->gnorm);
+        LAUNCH_CHECK(b->where, "k_gate_to_double");
+    }
     {
         if (fp8) {
             MOECAL_TRY(upload_fp8(b, w));
@@ -1091,6 +1150,27 @@ moecal_status launch_rowmax(moecal_backend *b, const uint16_t *x, int64_t n, uns
 
 moecal_status launch_logits(moecal_backend *b, const uint16_t *x, int64_t n, cudaStream_t st)
 {
+    if (b->dgemm_router) {
+        /* route_math.h's logits from a DGEMM, checked (kernels.cuh) */
+        const double u = 0x1p-52, nu = (double)b->H * u;
+        const double gamma2 = 2.0 * nu / (1.0 - nu) * (1.0 + 0x1p-20);
+        const double one = 1.0, zero = 0.0;
+        k_x_to_double<<<(unsigned)n, 256, 0, st>>>(x, n, b->H, b->xd, b->xnorm);
+        LAUNCH_CHECK(b->where, "k_x_to_double");
+        CUDA_CHECK(b->where, cudaMemsetAsync(b->nfix, 0, sizeof(unsigned), st));
+        CUBLAS_CHECK(b->where, cublasDgemm(b->blas_route, CUBLAS_OP_T, CUBLAS_OP_N, b->E, (int)n,
+                                           b->H, &one, b->gate_d, b->H, b->xd, b->H, &zero,
+                                           b->ld, b->E));
+        const int64_t tot = n * b->E;
+        int grid = (int)std::min<int64_t>(ceil_div(tot, 256), 132 * 8);
+        k_logit_check<<<grid, 256, 0, st>>>(b->ld, b->xnorm, b->gnorm, n, b->E, gamma2,
+                                            b->logits, b->fix, b->fixcap, b->nfix);
+        LAUNCH_CHECK(b->where, "k_logit_check");
+        k_logit_fix<<<132 * 2, 128, 0, st>>>(x, b->gate, n, b->H, b->E, b->fix, b->fixcap,
+                                             b->nfix, b->logits);
+        LAUNCH_CHECK(b->where, "k_logit_fix");
+        return MOECAL_OK;
+    }
     dim3 grid((unsigned)ceil_div(b->E, LG_BE), (unsigned)ceil_div(n, LG_BT));
     if (b->H % 8 == 0)
         k_logits<true><<<grid, LG_THREADS, 0, st>>>(x, b->gate, n, b->H, b->E, b->logits);
@@ -1591,6 +1671,15 @@ moecal_status moecal_backend_cuda_pin_host(moecal_backend *b, void *p, size_t by
         return MOECAL_OK;
     CUDA_CHECK(b->where, cudaHostRegister(p, bytes, cudaHostRegisterPortable));
     return MOECAL_OK;
+}
+
+unsigned long long moecal_backend_cuda_router_fixups(moecal_backend *b)
+{
+    unsigned long long n = 0;
+    if (b != NULL && b->nfix != NULL && cudaSetDevice(b->dev) == cudaSuccess &&
+        cudaDeviceSynchronize() == cudaSuccess)
+        (void)cudaMemcpy(&n, b->nfix + 2, sizeof n, cudaMemcpyDeviceToHost);
+    return n;
 }
 
 void moecal_backend_cuda_unpin_host(moecal_backend *b, void *p)

@@ -37,6 +37,9 @@ moecal_status moecal_backend_cuda_submit_chunk(moecal_backend *b, const uint16_t
 moecal_status moecal_backend_cuda_finish_chunk(moecal_backend *b, moecal_chunk_stats *out);
 moecal_status moecal_backend_cuda_pin_host(moecal_backend *b, void *p, size_t bytes);
 void moecal_backend_cuda_unpin_host(moecal_backend *b, void *p);
+/* Router logits recomputed in the canonical order so far (the DGEMM router's
+ * exactness check; 0 with MOECAL_CUDA_ROUTER=exact).  Synchronizes. */
+unsigned long long moecal_backend_cuda_router_fixups(moecal_backend *b);
 
 #ifdef __cplusplus
 }

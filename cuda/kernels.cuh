@@ -574,6 +574,120 @@ __global__ void k_act_dense(const uint16_t *__restrict__ ab, int64_t ld, int I, 
 
 /* ------------------------------------------------------------------ weight check */
 
+/* ---------------------------------------------------------------- router by DGEMM
+ *
+ * The canonical logit c (route_math.h: exact products summed in double in
+ * ascending h, rounded to float) from a cuBLAS DGEMM D of the same products
+ * in another order.  Both are within gamma * sum|x g| of the exact sum S
+ * (gamma = n u / (1 - n u), with u = 2^-52: one ulp per operation, so even
+ * a truncating adder is covered), and sum|x g| <= |x|_2 |g|_2; so
+ * |c - D| <= 2 gamma |x| |g| =: B.  Rounding to float is monotone: if D - B
+ * and D + B round to the same float (same bits), c rounds to it too.
+ * Otherwise (c may lie on either side of a rounding boundary; also NaN, Inf
+ * and signed zeros) the logit is recomputed in the canonical order. */
+
+/* An upper bound of sqrt(the block's sum of ss), valid in thread 0 (blockDim
+ * a multiple of 32): the computed sum of squares is within a relative n u of
+ * the true one and sqrt adds half an ulp, so 2^-30 of margin covers any n up
+ * to 2^22. */
+__device__ double block_norm(double ss)
+{
+    __shared__ double red[32];
+    for (int o = 16; o > 0; o >>= 1)
+        ss += __shfl_down_sync(0xffffffffu, ss, o);
+    if ((threadIdx.x & 31) == 0)
+        red[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    double tot = 0.0;
+    if (threadIdx.x == 0)
+        for (int w = 0; w < (int)(blockDim.x >> 5); w++)
+            tot += red[w];
+    return sqrt(tot) * (1.0 + 0x1p-30);
+}
+
+/* x bf16 [n][H] -> double [n][H]; xnorm[t] >= |x_t|_2 (NaN/Inf pass through). */
+__global__ void k_x_to_double(const uint16_t *__restrict__ x, int64_t n, int H,
+                              double *__restrict__ xd, double *__restrict__ xnorm)
+{
+    const int64_t t = blockIdx.x;
+    if (t >= n)
+        return;
+    const uint16_t *xr = x + t * (int64_t)H;
+    double *dr = xd + t * (int64_t)H;
+    double ss = 0.0;
+    for (int h = threadIdx.x; h < H; h += blockDim.x) {
+        double v = (double)moecal_rm_bf16(xr[h]);
+        dr[h] = v;
+        ss = fma(v, v, ss);
+    }
+    const double nrm = block_norm(ss);
+    if (threadIdx.x == 0)
+        xnorm[t] = nrm;
+}
+
+/* gate float [E][H] -> double [E][H]; gnorm[e] >= |g_e|_2. */
+__global__ void k_gate_to_double(const float *__restrict__ g, int E, int H,
+                                 double *__restrict__ gd, double *__restrict__ gnorm)
+{
+    const int e = blockIdx.x;
+    if (e >= E)
+        return;
+    double ss = 0.0;
+    for (int h = threadIdx.x; h < H; h += blockDim.x) {
+        double v = (double)g[(int64_t)e * H + h];
+        gd[(int64_t)e * H + h] = v;
+        ss = fma(v, v, ss);
+    }
+    const double nrm = block_norm(ss);
+    if (threadIdx.x == 0)
+        gnorm[e] = nrm;
+}
+
+/* Accept D where the bound allows, else list (t, e) for the exact path.
+ * d is [n][E] (cuBLAS column-major E x n). gamma2 = 2 gamma (inflated). */
+__global__ void k_logit_check(const double *__restrict__ d, const double *__restrict__ xnorm,
+                              const double *__restrict__ gnorm, int64_t n, int E, double gamma2,
+                              float *__restrict__ logits, int2 *__restrict__ fix,
+                              unsigned cap, unsigned *__restrict__ nfix)
+{
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n * E; i += stride) {
+        const int64_t t = i / E;
+        const int e = (int)(i % E);
+        const double v = d[i];
+        /* the bound, plus the rounding of v -+ B itself (an ulp of |v|) */
+        const double bnd = gamma2 * xnorm[t] * gnorm[e] + fabs(v) * 0x1p-50 + 0x1p-1000;
+        const float lo = (float)(v - bnd), hi = (float)(v + bnd);
+        if (__float_as_uint(lo) == __float_as_uint(hi)) {
+            logits[i] = lo;
+        } else {
+            unsigned slot = atomicAdd(nfix, 1u);
+            if (slot < cap)
+                fix[slot] = make_int2((int)t, e);
+        }
+    }
+}
+
+/* The listed logits in the canonical order (route_math.h), one thread each;
+ * when more than cap were listed, every logit of the piece (slow, and only
+ * for inputs far outside any model's range). */
+__global__ void k_logit_fix(const uint16_t *__restrict__ x, const float *__restrict__ g, int64_t n,
+                            int H, int E, const int2 *__restrict__ fix, unsigned cap,
+                            const unsigned *__restrict__ nfix, float *__restrict__ logits)
+{
+    const unsigned cnt = *nfix;
+    const int64_t total = cnt > cap ? n * E : (int64_t)cnt;
+    if (blockIdx.x == 0 && threadIdx.x == 0) /* the running total, for benchmarks */
+        atomicAdd(reinterpret_cast<unsigned long long *>(const_cast<unsigned *>(nfix) + 2),
+                  (unsigned long long)cnt);
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const int2 te = cnt > cap ? make_int2((int)(i / E), (int)(i % E)) : fix[i];
+        logits[(int64_t)te.x * E + te.y] =
+            moecal_route_logit(x + (int64_t)te.x * H, g + (int64_t)te.y * H, (size_t)H);
+    }
+}
+
 /* FP8 e4m3 block dequantization of nb experts' w1 (half 0) or w3 (half 1)
  * into w13 [nb][2I][H]: w = bf16_rne(lut[q] * scale), one float32 product,
  * exactly as moecal_fp8_dequant_bf16 (fp8.c) computes it; lut is the host's

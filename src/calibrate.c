@@ -1,11 +1,15 @@
 /* calibrate.c - the calibration job: shard experts over ranks, stream layers
  * and token chunks, peer-max fixup, parallel-HDF5 output.  DESIGN.md §2, §5. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* sched_getaffinity */
+#endif
 #include "config.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <math.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -349,6 +353,21 @@ static void remove_checkpoints(const char *out)
     unlink(path);
 }
 
+/* Threads reading the next layer: --threads, else the cores this rank is
+ * bound to, at most 8 (reads from the page cache or a parallel file system
+ * gain little beyond that). */
+static int read_threads(const moecal_calib_params *p)
+{
+    cpu_set_t set;
+    int n;
+
+    if (p->threads > 0)
+        return p->threads;
+    CPU_ZERO(&set);
+    n = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 1;
+    return n < 1 ? 1 : n > 8 ? 8 : n;
+}
+
 /* ---------------------------------------------------------------- chunks */
 
 /* Chunks to the backend: submitted one ahead when it has submit_chunk and
@@ -687,8 +706,7 @@ moecal_status moecal_calibrate_run(const moecal_comm *c, const moecal_calib_para
         moecal_tokens_window(tk, &base, &bytes);
         pin(&pp, base, bytes);
     }
-    s = moecal_prefetch_create(j.model, j.e0, j.n, ops->fp8_weights, p->threads > 0 ? p->threads
-                               : 4, &pf);
+    s = moecal_prefetch_create(j.model, j.e0, j.n, ops->fp8_weights, read_threads(p), &pf);
     if (s == MOECAL_OK)
         s = moecal_prefetch_start(pf, j.layers[first_step / j.C]);
     moecal_check_all(s);

@@ -521,7 +521,8 @@ static void test_async_misuse(void **state)
     moecal_backend *b = make_backend(&moecal_backend_cuda, &p, false, 30);
     result r = result_new(12), q = result_new(12), all = result_new(12);
     moecal_chunk_stats st = {r.tokens, r.amax_x, r.amax_h};
-    moecal_layer_weights w = {3, p.gate, p.bias, p.w1, p.w3};
+    moecal_layer_weights w = {.layer = 3, .gate = p.gate, .bias = p.bias, .w1 = p.w1,
+                              .w3 = p.w3};
 
     assert_int_not_equal(moecal_backend_cuda_finish_chunk(b, &st), MOECAL_OK);
     assert_int_equal(moecal_backend_cuda_submit_chunk(b, p.x, 30, NULL), MOECAL_OK);
@@ -736,6 +737,59 @@ static void test_fp8_weights(void **state)
     fp8_case(256, 128, 128, 33); /* whole blocks */
 }
 
+/* The router's logits come from a DGEMM checked against an error bound;
+ * logits the bound cannot settle are recomputed in route_math.h's order.
+ * Tokens with large cancelling terms (+-512 on two channels every expert
+ * weighs equally) and one logit exactly on a float rounding midpoint
+ * (1 + 2^-24) force that path; the result must equal the CPU backend's and
+ * the exact kernel's (MOECAL_CUDA_ROUTER=exact) bit for bit. */
+static void test_dgemm_router_exactness(void **state)
+{
+    (void)state;
+    problem p;
+    problem_make(&p, MOECAL_SCORING_SIGMOID, 16, 4, 2, 4, 64, 8, 0, 16, 2000, 41);
+    p.cold = p.one = -1;
+    for (int e = 0; e < 16; e++) {
+        p.gate[(size_t)e * 64] = (float)(0.1 * nrand());
+        p.gate[(size_t)e * 64 + 1] = (float)(0.1 * nrand());
+        p.gate[(size_t)e * 64 + 4] = p.gate[(size_t)e * 64 + 5] = 3.0f + (float)e / 64.0f;
+    }
+    for (int t = 0; t < p.ntok; t++) {
+        p.x[(size_t)t * 64 + 4] = moecal_float_to_bf16(512.0f);
+        p.x[(size_t)t * 64 + 5] = moecal_float_to_bf16(-512.0f);
+    }
+    /* token 7, expert 3: logit exactly 1 + 2^-24 before rounding */
+    memset(p.x + 7 * 64, 0, 64 * sizeof(uint16_t));
+    p.x[7 * 64] = p.x[7 * 64 + 1] = moecal_float_to_bf16(1.0f);
+    p.gate[3 * 64] = 1.0f;
+    p.gate[3 * 64 + 1] = ldexpf(1.0f, -24);
+    setenv("MOECAL_CUDA_ROUTER", "dgemm", 1);
+    check_problem(&p, false, 333, 0);
+
+    const int nloc = 16;
+    result r[2] = {result_new(nloc), result_new(nloc)};
+    unsigned long long fixes[2];
+    for (int exact = 0; exact < 2; exact++) {
+        setenv("MOECAL_CUDA_ROUTER", exact ? "exact" : "dgemm", 1);
+        moecal_backend *b = make_backend(&moecal_backend_cuda, &p, false, p.ntok);
+        moecal_chunk_stats st = {r[exact].tokens, r[exact].amax_x, r[exact].amax_h};
+        if (moecal_backend_cuda.run_chunk(b, p.x, p.ntok, NULL, &st) != MOECAL_OK)
+            fail_msg("run_chunk: %s", moecal_error_message());
+        fixes[exact] = moecal_backend_cuda_router_fixups(b);
+        moecal_backend_cuda.destroy(b);
+        unsetenv("MOECAL_CUDA_ROUTER");
+    }
+    print_message("DGEMM router: %llu of %d logits recomputed exactly\n", fixes[0],
+                  p.ntok * 16);
+    assert_true(fixes[0] >= 1);
+    assert_true(fixes[1] == 0);
+    assert_memory_equal(r[0].tokens, r[1].tokens, nloc * sizeof(int64_t));
+    assert_memory_equal(r[0].amax_x, r[1].amax_x, nloc * sizeof(float));
+    result_free(&r[0]);
+    result_free(&r[1]);
+    problem_free(&p);
+}
+
 static void test_registry(void **state)
 {
     (void)state;
@@ -765,6 +819,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_nonfinite_weights_refused),
         cmocka_unit_test(test_memory_limit_and_device),
         cmocka_unit_test(test_fp8_weights),
+        cmocka_unit_test(test_dgemm_router_exactness),
         cmocka_unit_test(test_registry),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
