@@ -225,10 +225,13 @@ static void router_kernels(int64_t n, int H, int E)
     CK(cudaMemset(bias, 0, (size_t)E * 4));
     CK(cudaGetLastError());
     double flop = 2.0 * (double)n * H * E;
+    double *ltot;
+    CK(cudaMalloc(&ltot, (size_t)n * E * 8));
     double t2 = time_ms([&] {
         dim3 grid((unsigned)((E + LG_BE - 1) / LG_BE), (unsigned)((n + LG_BT - 1) / LG_BT));
-        k_logits<true><<<grid, LG_THREADS>>>(x, g, n, H, E, lg);
+        k_logits<true><<<grid, LG_THREADS>>>(x, g, n, H, E, ltot, lg);
     }, 5);
+    CK(cudaFree(ltot));
     select_params sp = {E, 8, 8, 4, 1, 1, 1, select_words(E, 8, 8)};
     size_t smem = (size_t)64 * sp.words * 4;
     CK(cudaFuncSetAttribute(k_select, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
@@ -245,15 +248,17 @@ static void router_kernels(int64_t n, int H, int E)
      * runs it; its logits must equal k_logits' bit for bit */
     {
         const int64_t P = 8192;
+        const int Hp = (H + MOECAL_RM_BLOCK - 1) / MOECAL_RM_BLOCK * MOECAL_RM_BLOCK;
+        const int nb = Hp / MOECAL_RM_BLOCK;
         double *gd, *gn, *xd, *xn, *ld;
         int2 *fix;
         unsigned *nfix;
         float *lg2;
-        CK(cudaMalloc(&gd, (size_t)E * H * 8));
-        CK(cudaMalloc(&gn, (size_t)E * 8));
-        CK(cudaMalloc(&xd, (size_t)P * H * 8));
-        CK(cudaMalloc(&xn, (size_t)P * 8));
-        CK(cudaMalloc(&ld, (size_t)P * E * 8));
+        CK(cudaMalloc(&gd, (size_t)E * Hp * 8));
+        CK(cudaMalloc(&gn, (size_t)E * nb * 8));
+        CK(cudaMalloc(&xd, (size_t)P * Hp * 8));
+        CK(cudaMalloc(&xn, (size_t)P * nb * 8));
+        CK(cudaMalloc(&ld, (size_t)nb * P * E * 8));
         CK(cudaMalloc(&fix, (size_t)P * E * sizeof(int2)));
         CK(cudaMalloc(&nfix, 64));
         CK(cudaMalloc(&lg2, (size_t)n * E * 4));
@@ -264,8 +269,9 @@ static void router_kernels(int64_t n, int H, int E)
             fprintf(stderr, "bench_cuda: cublas setup failed\n");
             exit(1);
         }
-        k_gate_to_double<<<(unsigned)E, 256>>>(g, E, H, gd, gn);
-        const double nu = (double)H * 0x1p-52, gamma2 = 2.0 * nu / (1.0 - nu) * (1.0 + 0x1p-20);
+        k_gate_to_double<<<(unsigned)E, 256>>>(g, E, H, Hp, gd, gn);
+        auto gamma = [](double m) { return m * 0x1p-52 / (1.0 - m * 0x1p-52); };
+        const double kb = 2.0 * (gamma(MOECAL_RM_BLOCK) + gamma(nb)) * (1.0 + 0x1p-20);
         const double one = 1.0, zero = 0.0;
         const unsigned cap = (unsigned)std::min<int64_t>(P * E, 1 << 20);
         double tc = 0, tg = 0, tk = 0, tf = 0;
@@ -273,17 +279,18 @@ static void router_kernels(int64_t n, int H, int E)
             int64_t m = std::min(P, n - r0);
             const uint16_t *xp = x + (size_t)r0 * H;
             float *out = lg2 + (size_t)r0 * E;
-            tc += time_ms([&] { k_x_to_double<<<(unsigned)m, 256>>>(xp, m, H, xd, xn); }, 3);
+            tc += time_ms([&] { k_x_to_double<<<(unsigned)m, 256>>>(xp, m, H, Hp, xd, xn); }, 3);
             tg += time_ms([&] {
-                cublasDgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, E, (int)m, H, &one, gd, H, xd, H, &zero,
-                            ld, E);
+                cublasDgemmStridedBatched(h, CUBLAS_OP_T, CUBLAS_OP_N, E, (int)m,
+                                          MOECAL_RM_BLOCK, &one, gd, Hp, MOECAL_RM_BLOCK, xd, Hp,
+                                          MOECAL_RM_BLOCK, &zero, ld, E, (long long)m * E, nb);
             }, 3);
             tk += time_ms([&] {
                 cudaMemsetAsync(nfix, 0, 4);
-                k_logit_check<<<132 * 8, 256>>>(ld, xn, gn, m, E, gamma2, out, fix, cap, nfix);
+                k_logit_check<<<132 * 8, 256>>>(ld, nb, xn, gn, m, E, kb, out, fix, cap, nfix);
             }, 1);
             tf += time_ms([&] {
-                k_logit_fix<<<132 * 2, 128>>>(xp, g, m, H, E, fix, cap, nfix, out);
+                k_logit_fix<<<132 * 4, 256>>>(xp, g, m, H, E, fix, cap, nfix, out);
             }, 1);
         }
         CK(cudaGetLastError());
@@ -658,9 +665,9 @@ int main(int argc, char **argv)
     res.push_back(run_topk(L, "top-k 32768 pinned ahead", 32768, t_small, false, true));
     res.push_back(run_topk(L, "top-k 131072 pinned", 131072, total, false));
     res.push_back(run_topk(L, "top-k 131072 pinned ahead", 131072, total, false, true));
-    setenv("MOECAL_CUDA_ROUTER", "dgemm", 1);
-    res.push_back(run_topk(L, "top-k 131072 ahead, DGEMM router", 131072, total, false, true));
-    res.push_back(run_topk(L, "top-k 32768 ahead, DGEMM router", 32768, t_small, false, true));
+    setenv("MOECAL_CUDA_ROUTER", "exact", 1);
+    res.push_back(run_topk(L, "top-k 131072 ahead, FP64 kernel", 131072, total, false, true));
+    res.push_back(run_topk(L, "top-k 32768 ahead, FP64 kernel", 32768, t_small, false, true));
     unsetenv("MOECAL_CUDA_ROUTER");
     if (!quick) {
         setenv("MOECAL_CUDA_STEP", "65536", 1);

@@ -53,9 +53,10 @@
  *
  * Tuning knobs, for benchmarks (read once by create): MOECAL_CUDA_STEP
  * (tokens per step), MOECAL_CUDA_PIECE (tokens per copy/route piece),
- * MOECAL_CUDA_STREAMS (GEMM streams, 1 to 8), MOECAL_CUDA_ROUTER (exact, the
- * default, or dgemm: logits from a cuBLAS DGEMM with an error bound, those
- * the bound cannot settle recomputed exactly; same bits, see kernels.cuh).
+ * MOECAL_CUDA_STREAMS (GEMM streams, 1 to 8), MOECAL_CUDA_ROUTER (dgemm, the
+ * default: route_math.h's block sums from a cuBLAS DGEMM with an error bound,
+ * the logits the bound cannot settle recomputed exactly; or exact: the FP64
+ * kernel alone; same bits either way, see kernels.cuh).
  *
  * Memory: create computes what the shard needs (weights plus the step's
  * buffers) and refuses with MOECAL_ERR_NOMEM, giving the sizes, when that
@@ -237,8 +238,9 @@ struct moecal_backend {
     unsigned *rowmax[2];
     float *logits;                /* [piece][E] */
     bool dgemm_router;            /* logits by DGEMM + exactness check (else k_logits) */
-    double *gate_d, *gnorm;       /* [E][H], [E] */
-    double *xd, *xnorm, *ld;      /* [piece][H], [piece], [piece][E] */
+    double *gate_d, *gnorm;       /* [E][Hp], [E][nb] */
+    double *xd, *xnorm, *ld;      /* [piece][Hp], [piece][nb], [nb][piece][E] */
+    double *ltot;                 /* [piece][E]: block totals of the exact kernel */
     int2 *fix;                    /* [fix_cap] (t, e) to recompute */
     unsigned *nfix;               /* [0] this piece's count; [2..3] total (uint64) */
     unsigned fixcap;
@@ -377,6 +379,11 @@ struct plan {
 
 /* Entries of the DGEMM router's fix list (more fall back to recomputing the
  * whole piece, see k_logit_fix). */
+int padded_h(int H)
+{
+    return (H + MOECAL_RM_BLOCK - 1) / MOECAL_RM_BLOCK * MOECAL_RM_BLOCK;
+}
+
 unsigned fix_cap(size_t piece, size_t E)
 {
     return (unsigned)std::min<size_t>(piece * E, (size_t)1 << 20);
@@ -412,13 +419,18 @@ plan make_plan(const moecal_backend *b, int64_t step)
         ok &= mul_ok(S * K, I2 * 2, &p.ab);
         p.n_ab = 1;
         p.items = ((S * K) / ACT_ROWS + nloc + 1) * sizeof(act_item);
+        /* the exact kernel's block totals [piece][E] */
+        size_t P = (size_t)std::min<int64_t>(step, b->piece);
+        ok &= mul_ok(P, E * 8, &p.rpiece);
         if (b->dgemm_router) {
-            /* gate in double and its norms; per piece x in double, norms, D */
-            size_t P = (size_t)std::min<int64_t>(step, b->piece), xd;
-            ok &= mul_ok(E, H * 8, &p.rgate);
-            p.rgate += E * 8;
-            ok &= mul_ok(P, H * 8, &xd);
-            p.rpiece = xd + P * 8 + P * E * 8;
+            /* gate in double (rows padded to whole blocks) and its norms; per
+             * piece x in double, norms, the block sums D */
+            size_t Hp = (size_t)padded_h(b->H), nb = Hp / MOECAL_RM_BLOCK, xd, d;
+            ok &= mul_ok(E, Hp * 8, &p.rgate);
+            p.rgate += E * nb * 8;
+            ok &= mul_ok(P, Hp * 8, &xd);
+            ok &= mul_ok(nb, P * E * 8, &d);
+            p.rpiece += xd + P * nb * 8 + d;
             p.fix = (size_t)fix_cap(P, E) * sizeof(int2) + 64;
         }
     }
@@ -513,7 +525,7 @@ void cuda_destroy(moecal_backend *b)
     if (b->blas_route)
         (void)cublasDestroy(b->blas_route);
     void *dptr[] = {b->gate, b->bias, b->w13, b->logits, b->sel, b->xg, b->nvalid, b->first,
-                    b->gate_d, b->gnorm, b->xd, b->xnorm, b->ld, b->fix, b->nfix};
+                    b->gate_d, b->gnorm, b->xd, b->xnorm, b->ld, b->fix, b->nfix, b->ltot};
     for (void *p : dptr)
         if (p)
             (void)cudaFree(p);
@@ -638,13 +650,15 @@ moecal_status allocate(moecal_backend *b, const plan &p)
     b->xg_bytes = p.xg;
     if (!b->all_experts) {
         MOECAL_TRY(dalloc(b, &b->logits, p.logits));
+        size_t P = (size_t)std::min<int64_t>(b->step, b->piece), E = (size_t)b->E;
+        MOECAL_TRY(dalloc(b, &b->ltot, P * E * 8));
         if (b->dgemm_router) {
-            size_t P = (size_t)std::min<int64_t>(b->step, b->piece), E = (size_t)b->E;
-            MOECAL_TRY(dalloc(b, &b->gate_d, E * (size_t)b->H * 8));
-            MOECAL_TRY(dalloc(b, &b->gnorm, E * 8));
-            MOECAL_TRY(dalloc(b, &b->xd, P * (size_t)b->H * 8));
-            MOECAL_TRY(dalloc(b, &b->xnorm, P * 8));
-            MOECAL_TRY(dalloc(b, &b->ld, P * E * 8));
+            size_t Hp = (size_t)padded_h(b->H), nb = Hp / MOECAL_RM_BLOCK;
+            MOECAL_TRY(dalloc(b, &b->gate_d, E * Hp * 8));
+            MOECAL_TRY(dalloc(b, &b->gnorm, E * nb * 8));
+            MOECAL_TRY(dalloc(b, &b->xd, P * Hp * 8));
+            MOECAL_TRY(dalloc(b, &b->xnorm, P * nb * 8));
+            MOECAL_TRY(dalloc(b, &b->ld, nb * P * E * 8));
             b->fixcap = fix_cap(P, E);
             MOECAL_TRY(dalloc(b, &b->fix, (size_t)b->fixcap * sizeof(int2)));
             MOECAL_TRY(dalloc(b, &b->nfix, 64));
@@ -758,10 +772,10 @@ moecal_status cuda_create(const moecal_backend_config *cfg, moecal_backend **out
     b->layer = -1;
     b->nstreams = (int)env_long("MOECAL_CUDA_STREAMS", 4, 1, MAX_STREAMS);
     {
-        /* exact (default): the FP64 kernel; dgemm: DGEMM + exactness check,
-         * slower on realistic tokens (bench/NOTES-cuda.md, v4) */
+        /* dgemm (default): block sums by DGEMM + exactness check; exact: the
+         * FP64 kernel (bench/NOTES-cuda.md, v4) */
         const char *r = getenv("MOECAL_CUDA_ROUTER");
-        b->dgemm_router = !b->all_experts && r && strcmp(r, "dgemm") == 0;
+        b->dgemm_router = !b->all_experts && !(r && strcmp(r, "exact") == 0);
     }
     b->copy_threads = cfg->threads > 0 ? std::min(cfg->threads, 64)
                                        : std::min(MAX_COPY_THREADS, bound_cpus());
@@ -1019,7 +1033,8 @@ moecal_status cuda_load_layer(moecal_backend *b, const moecal_layer_weights *w)
         CUDA_CHECK(b->where, cudaMemcpyAsync(b->bias, w->bias, (size_t)b->E * sizeof(float),
                                              cudaMemcpyHostToDevice, b->s_copy));
     if (b->dgemm_router) {
-        k_gate_to_double<<<(unsigned)b->E, 256, 0, b->s_copy>>>(b->gate, b->E, b->H, b->gate_d,
+        k_gate_to_double<<<(unsigned)b->E, 256, 0, b->s_copy>>>(b->gate, b->E, b->H,
+                                                               padded_h(b->H), b->gate_d,
                                                                b->gnorm);
         LAUNCH_CHECK(b->where, "k_gate_to_double");
     }
@@ -1151,31 +1166,35 @@ moecal_status launch_rowmax(moecal_backend *b, const uint16_t *x, int64_t n, uns
 moecal_status launch_logits(moecal_backend *b, const uint16_t *x, int64_t n, cudaStream_t st)
 {
     if (b->dgemm_router) {
-        /* route_math.h's logits from a DGEMM, checked (kernels.cuh) */
-        const double u = 0x1p-52, nu = (double)b->H * u;
-        const double gamma2 = 2.0 * nu / (1.0 - nu) * (1.0 + 0x1p-20);
+        /* route_math.h's logits from block sums by DGEMM, checked (kernels.cuh) */
+        const int Hp = padded_h(b->H), nb = Hp / MOECAL_RM_BLOCK;
+        auto gamma = [](double m) { return m * 0x1p-52 / (1.0 - m * 0x1p-52); };
+        const double kb = 2.0 * (gamma(MOECAL_RM_BLOCK) + gamma(nb)) * (1.0 + 0x1p-20);
         const double one = 1.0, zero = 0.0;
-        k_x_to_double<<<(unsigned)n, 256, 0, st>>>(x, n, b->H, b->xd, b->xnorm);
+        k_x_to_double<<<(unsigned)n, 256, 0, st>>>(x, n, b->H, Hp, b->xd, b->xnorm);
         LAUNCH_CHECK(b->where, "k_x_to_double");
         CUDA_CHECK(b->where, cudaMemsetAsync(b->nfix, 0, sizeof(unsigned), st));
-        CUBLAS_CHECK(b->where, cublasDgemm(b->blas_route, CUBLAS_OP_T, CUBLAS_OP_N, b->E, (int)n,
-                                           b->H, &one, b->gate_d, b->H, b->xd, b->H, &zero,
-                                           b->ld, b->E));
+        CUBLAS_CHECK(b->where, cublasDgemmStridedBatched(
+            b->blas_route, CUBLAS_OP_T, CUBLAS_OP_N, b->E, (int)n, MOECAL_RM_BLOCK, &one,
+            b->gate_d, Hp, MOECAL_RM_BLOCK, b->xd, Hp, MOECAL_RM_BLOCK, &zero, b->ld, b->E,
+            (long long)n * b->E, nb));
         const int64_t tot = n * b->E;
         int grid = (int)std::min<int64_t>(ceil_div(tot, 256), 132 * 8);
-        k_logit_check<<<grid, 256, 0, st>>>(b->ld, b->xnorm, b->gnorm, n, b->E, gamma2,
+        k_logit_check<<<grid, 256, 0, st>>>(b->ld, nb, b->xnorm, b->gnorm, n, b->E, kb,
                                             b->logits, b->fix, b->fixcap, b->nfix);
         LAUNCH_CHECK(b->where, "k_logit_check");
-        k_logit_fix<<<132 * 2, 128, 0, st>>>(x, b->gate, n, b->H, b->E, b->fix, b->fixcap,
+        k_logit_fix<<<132 * 4, 256, 0, st>>>(x, b->gate, n, b->H, b->E, b->fix, b->fixcap,
                                              b->nfix, b->logits);
         LAUNCH_CHECK(b->where, "k_logit_fix");
         return MOECAL_OK;
     }
     dim3 grid((unsigned)ceil_div(b->E, LG_BE), (unsigned)ceil_div(n, LG_BT));
     if (b->H % 8 == 0)
-        k_logits<true><<<grid, LG_THREADS, 0, st>>>(x, b->gate, n, b->H, b->E, b->logits);
+        k_logits<true><<<grid, LG_THREADS, 0, st>>>(x, b->gate, n, b->H, b->E, b->ltot,
+                                                     b->logits);
     else
-        k_logits<false><<<grid, LG_THREADS, 0, st>>>(x, b->gate, n, b->H, b->E, b->logits);
+        k_logits<false><<<grid, LG_THREADS, 0, st>>>(x, b->gate, n, b->H, b->E, b->ltot,
+                                                      b->logits);
     LAUNCH_CHECK(b->where, "k_logits");
     return MOECAL_OK;
 }

@@ -98,9 +98,12 @@ __global__ void k_rowmax(const uint16_t *__restrict__ x, int64_t n, int H,
 
 /* ------------------------------------------------------------------ logits */
 
-/* logits[t][e] = (float) sum_h x[t][h] * g[e][h] in double, ascending h: the
- * arithmetic of moecal_route_logit (route_math.h), tiled.  Each output is one
- * accumulator that walks h in order; tiles only decide which thread owns it.
+/* logits[t][e] = (float) sum_h x[t][h] * g[e][h] in double, in route_math.h's
+ * order (blocks of MOECAL_RM_BLOCK h, ascending within and across), tiled.
+ * Each output is one accumulator that walks a block's h in order, added at
+ * the block's end to the running total in tot [n][E] (double, global: 14
+ * flushes per 7168 h cost far less than the registers of a second 8 x 8
+ * tile); tiles only decide which thread owns an output.
  * 8 x 8 doubles per thread: 64 FMA per 16 shared loads (a first kernel with
  * 8 x 4, 32 FMA per 8 loads of which half were 4-way broadcasts, reached 16.9
  * FP64 TFLOP/s on an H100; this one 19.6).  Block: 128 threads, 64 tokens x
@@ -113,7 +116,7 @@ enum { LG_BT = 64, LG_BE = 128, LG_BK = 16, LG_THREADS = 128 };
 template <bool VEC>
 __global__ void __launch_bounds__(LG_THREADS, 2)
 k_logits(const uint16_t *__restrict__ x, const float *__restrict__ g, int64_t n, int H, int E,
-          float *__restrict__ logits)
+          double *__restrict__ tot, float *__restrict__ logits)
 {
     __shared__ __align__(16) double xs[LG_BK][LG_BT];
     __shared__ __align__(16) double gs[LG_BK][LG_BE];
@@ -205,17 +208,27 @@ k_logits(const uint16_t *__restrict__ x, const float *__restrict__ g, int64_t n,
                 for (int j = 0; j < 8; j++)
                     acc[i][j] = fma(a[i], b[j], acc[i][j]);
         }
-    }
+        const int k1 = k0 + LG_BK;
+        if (k1 % MOECAL_RM_BLOCK == 0 || k1 >= H) {
+            /* a block of h ends: its sums join the totals (the first one is
+             * the total: +0 + s == s, as no sum is -0) */
+            const bool first = k1 <= MOECAL_RM_BLOCK, last = k1 >= H;
 #pragma unroll
-    for (int i = 0; i < 8; i++) {
-        int64_t t = t0 + ty * 8 + i;
-        if (t >= n)
-            break;
+            for (int i = 0; i < 8; i++) {
+                const int64_t t = t0 + ty * 8 + i;
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
-            int e = e0 + tx + 16 * j;
-            if (e < E)
-                logits[t * E + e] = __double2float_rn(acc[i][j]);
+                for (int j = 0; j < 8; j++) {
+                    const int e = e0 + tx + 16 * j;
+                    if (t < n && e < E) {
+                        double v = first ? acc[i][j] : tot[t * E + e] + acc[i][j];
+                        if (last)
+                            logits[t * E + e] = __double2float_rn(v);
+                        else
+                            tot[t * E + e] = v;
+                    }
+                    acc[i][j] = 0.0;
+                }
+            }
         }
     }
 }
@@ -584,7 +597,10 @@ __global__ void k_act_dense(const uint16_t *__restrict__ ab, int64_t ld, int I, 
  * |c - D| <= 2 gamma |x| |g| =: B.  Rounding to float is monotone: if D - B
  * and D + B round to the same float (same bits), c rounds to it too.
  * Otherwise (c may lie on either side of a rounding boundary; also NaN, Inf
- * and signed zeros) the logit is recomputed in the canonical order. */
+ * and signed zeros) the logit is recomputed in the canonical order.  With
+ * route_math.h's blocks, the block sums come from a batched DGEMM and are
+ * added in the canonical order: B = 2 (gamma_512 + gamma_nb) sum_j |x_j| |g_j|
+ * over blocks j. */
 
 /* An upper bound of sqrt(the block's sum of ss), valid in thread 0 (blockDim
  * a multiple of 32): the computed sum of squares is within a relative n u of
@@ -593,6 +609,7 @@ __global__ void k_act_dense(const uint16_t *__restrict__ ab, int64_t ld, int I, 
 __device__ double block_norm(double ss)
 {
     __shared__ double red[32];
+    __syncthreads(); /* red may still be read from a previous call */
     for (int o = 16; o > 0; o >>= 1)
         ss += __shfl_down_sync(0xffffffffu, ss, o);
     if ((threadIdx.x & 31) == 0)
@@ -605,58 +622,77 @@ __device__ double block_norm(double ss)
     return sqrt(tot) * (1.0 + 0x1p-30);
 }
 
-/* x bf16 [n][H] -> double [n][H]; xnorm[t] >= |x_t|_2 (NaN/Inf pass through). */
-__global__ void k_x_to_double(const uint16_t *__restrict__ x, int64_t n, int H,
+/* x bf16 [n][H] -> double [n][Hp] (zeros after H); xnorm[t][j] >= the norm
+ * of block j of x_t (NaN/Inf pass through).  blockDim divides
+ * MOECAL_RM_BLOCK. */
+__global__ void k_x_to_double(const uint16_t *__restrict__ x, int64_t n, int H, int Hp,
                               double *__restrict__ xd, double *__restrict__ xnorm)
 {
     const int64_t t = blockIdx.x;
     if (t >= n)
         return;
     const uint16_t *xr = x + t * (int64_t)H;
-    double *dr = xd + t * (int64_t)H;
-    double ss = 0.0;
-    for (int h = threadIdx.x; h < H; h += blockDim.x) {
-        double v = (double)moecal_rm_bf16(xr[h]);
-        dr[h] = v;
-        ss = fma(v, v, ss);
+    double *dr = xd + t * (int64_t)Hp;
+    const int nb = Hp / MOECAL_RM_BLOCK;
+    for (int j = 0; j < nb; j++) {
+        double ss = 0.0;
+        for (int h = j * MOECAL_RM_BLOCK + threadIdx.x; h < (j + 1) * MOECAL_RM_BLOCK;
+             h += blockDim.x) {
+            double v = h < H ? (double)moecal_rm_bf16(xr[h]) : 0.0;
+            dr[h] = v;
+            ss = fma(v, v, ss);
+        }
+        const double nrm = block_norm(ss);
+        if (threadIdx.x == 0)
+            xnorm[t * nb + j] = nrm;
     }
-    const double nrm = block_norm(ss);
-    if (threadIdx.x == 0)
-        xnorm[t] = nrm;
 }
 
-/* gate float [E][H] -> double [E][H]; gnorm[e] >= |g_e|_2. */
-__global__ void k_gate_to_double(const float *__restrict__ g, int E, int H,
+/* gate float [E][H] -> double [E][Hp] (zeros after H); gnorm[e][j] >= the
+ * norm of block j of g_e. */
+__global__ void k_gate_to_double(const float *__restrict__ g, int E, int H, int Hp,
                                  double *__restrict__ gd, double *__restrict__ gnorm)
 {
     const int e = blockIdx.x;
     if (e >= E)
         return;
-    double ss = 0.0;
-    for (int h = threadIdx.x; h < H; h += blockDim.x) {
-        double v = (double)g[(int64_t)e * H + h];
-        gd[(int64_t)e * H + h] = v;
-        ss = fma(v, v, ss);
+    const int nb = Hp / MOECAL_RM_BLOCK;
+    for (int j = 0; j < nb; j++) {
+        double ss = 0.0;
+        for (int h = j * MOECAL_RM_BLOCK + threadIdx.x; h < (j + 1) * MOECAL_RM_BLOCK;
+             h += blockDim.x) {
+            double v = h < H ? (double)g[(int64_t)e * H + h] : 0.0;
+            gd[(int64_t)e * Hp + h] = v;
+            ss = fma(v, v, ss);
+        }
+        const double nrm = block_norm(ss);
+        if (threadIdx.x == 0)
+            gnorm[(int64_t)e * nb + j] = nrm;
     }
-    const double nrm = block_norm(ss);
-    if (threadIdx.x == 0)
-        gnorm[e] = nrm;
 }
 
-/* Accept D where the bound allows, else list (t, e) for the exact path.
- * d is [n][E] (cuBLAS column-major E x n). gamma2 = 2 gamma (inflated). */
-__global__ void k_logit_check(const double *__restrict__ d, const double *__restrict__ xnorm,
-                              const double *__restrict__ gnorm, int64_t n, int E, double gamma2,
-                              float *__restrict__ logits, int2 *__restrict__ fix,
-                              unsigned cap, unsigned *__restrict__ nfix)
+/* Accept the DGEMM's where the bound allows, else list (t, e) for the exact
+ * path.  d is [nb][n][E]: the block sums (cuBLAS column-major E x n per
+ * block), added in route_math.h's order; kb = 2 (gamma_B + gamma_nb),
+ * inflated. */
+__global__ void k_logit_check(const double *__restrict__ d, int nb,
+                              const double *__restrict__ xnorm, const double *__restrict__ gnorm,
+                              int64_t n, int E, double kb, float *__restrict__ logits,
+                              int2 *__restrict__ fix, unsigned cap, unsigned *__restrict__ nfix)
 {
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n * E; i += stride) {
         const int64_t t = i / E;
         const int e = (int)(i % E);
-        const double v = d[i];
+        double v = d[i], a = xnorm[t * nb] * gnorm[(int64_t)e * nb];
+        for (int j = 1; j < nb; j++) {
+            v += d[(int64_t)j * n * E + i];
+            a = fma(xnorm[t * nb + j], gnorm[(int64_t)e * nb + j], a);
+        }
         /* the bound, plus the rounding of v -+ B itself (an ulp of |v|) */
-        const double bnd = gamma2 * xnorm[t] * gnorm[e] + fabs(v) * 0x1p-50 + 0x1p-1000;
+        /* a >= sum_j |x_j| |g_j| >= sum |x g| (Cauchy-Schwarz per block),
+         * computed with a relative error far below the 2^-20 in kb */
+        const double bnd = kb * a + fabs(v) * 0x1p-50 + 0x1p-1000;
         const float lo = (float)(v - bnd), hi = (float)(v + bnd);
         if (__float_as_uint(lo) == __float_as_uint(hi)) {
             logits[i] = lo;
@@ -668,23 +704,44 @@ __global__ void k_logit_check(const double *__restrict__ d, const double *__rest
     }
 }
 
-/* The listed logits in the canonical order (route_math.h), one thread each;
- * when more than cap were listed, every logit of the piece (slow, and only
- * for inputs far outside any model's range). */
+/* The listed logits in route_math.h's order, one warp each: lane j sums
+ * blocks j, j + 32, ... in ascending h, lane 0 adds the block sums in order
+ * (the same operations as moecal_route_logit).  When more than cap were
+ * listed, every logit of the piece (slow, and only for inputs far outside
+ * any model's range).  Block size a multiple of 32. */
 __global__ void k_logit_fix(const uint16_t *__restrict__ x, const float *__restrict__ g, int64_t n,
                             int H, int E, const int2 *__restrict__ fix, unsigned cap,
                             const unsigned *__restrict__ nfix, float *__restrict__ logits)
 {
     const unsigned cnt = *nfix;
     const int64_t total = cnt > cap ? n * E : (int64_t)cnt;
+    const int lane = threadIdx.x & 31;
+    const int nb = (H + MOECAL_RM_BLOCK - 1) / MOECAL_RM_BLOCK;
     if (blockIdx.x == 0 && threadIdx.x == 0) /* the running total, for benchmarks */
         atomicAdd(reinterpret_cast<unsigned long long *>(const_cast<unsigned *>(nfix) + 2),
                   (unsigned long long)cnt);
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t warps = (int64_t)gridDim.x * (blockDim.x >> 5);
+    for (int64_t i = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); i < total;
+         i += warps) {
         const int2 te = cnt > cap ? make_int2((int)(i / E), (int)(i % E)) : fix[i];
-        logits[(int64_t)te.x * E + te.y] =
-            moecal_route_logit(x + (int64_t)te.x * H, g + (int64_t)te.y * H, (size_t)H);
+        const uint16_t *xr = x + (int64_t)te.x * H;
+        const float *gr = g + (int64_t)te.y * H;
+        double tot = 0.0;
+        for (int j0 = 0; j0 < nb; j0 += 32) {
+            double acc = 0.0;
+            const int j = j0 + lane;
+            if (j < nb) {
+                const int h1 = min(H, (j + 1) * MOECAL_RM_BLOCK);
+                for (int h = j * MOECAL_RM_BLOCK; h < h1; h++)
+                    acc = fma((double)moecal_rm_bf16(xr[h]), (double)gr[h], acc);
+            }
+            for (int l = 0; l < 32 && j0 + l < nb; l++) {
+                const double b = __shfl_sync(0xffffffffu, acc, l);
+                tot += b;
+            }
+        }
+        if (lane == 0)
+            logits[(int64_t)te.x * E + te.y] = (float)tot;
     }
 }
 

@@ -9,7 +9,7 @@
  *      each row's max |x| (exact: a max of stored values);
  *   2. router logits and the model's top-k, in blocks of ROUTE_BLOCK rows
  *      (top-k mode only).  Logits follow route_math.h to the bit: products
- *      summed in double in ascending h for each expert, rounded once to
+ *      summed in double in its fixed order for each expert, rounded once to
  *      float, so a token's experts and amax(x) do not depend on chunk
  *      boundaries, the thread count, the BLAS or the machine, and are the
  *      CUDA backend's too (vectorised across experts, which keeps each
@@ -52,6 +52,7 @@
 #endif
 
 #include "backend.h"
+#include "route_math.h"
 #include "router.h"
 
 /* "#pragma omp parallel for CLAUSES", and nothing in builds without OpenMP */
@@ -83,7 +84,7 @@ typedef struct thread_buf {
     float *xg;           /* [ROW_BLOCK][H] gathered rows */
     float *ab;           /* [ROW_BLOCK][2I] a | b */
     void *router;        /* router scratch */
-    double *acc;         /* [E] logit accumulators */
+    double *acc;         /* [2E] logit accumulators (block, total) */
     double t[5];         /* seconds in gather, gemm, act */
     char pad[64];        /* keep neighbours' counters off this cache line */
 } thread_buf;
@@ -301,7 +302,7 @@ static moecal_status cpu_create(const moecal_backend_config *cfg, moecal_backend
         t->xg = b->all_experts ? NULL : alloc_array(ROW_BLOCK, H * sizeof(float));
         t->ab = alloc_array(ROW_BLOCK, I2 * sizeof(float));
         t->router = alloc_array(moecal_router_scratch_size(m), 1);
-        t->acc = alloc_array((size_t)b->E, sizeof(double));
+        t->acc = alloc_array(2 * (size_t)b->E, sizeof(double));
         ok = (t->xg || b->all_experts) && t->ab && t->router && t->acc;
     }
     if (!ok) {
@@ -429,20 +430,30 @@ static float activation_amax(const float *ab, int64_t n, size_t NI, int32_t *nan
 }
 
 /* One token's logits, route_math.h's moecal_route_logit_f for every expert:
- * acc[e] += x[h] * g[e][h] for ascending h, each product exact in double (so
- * contraction to fma changes nothing), from +0.0; vectorised over e. */
+ * per block of MOECAL_RM_BLOCK h, acc[e] += x[h] * g[e][h] in ascending h
+ * from +0.0 (each product exact in double, so contraction to fma changes
+ * nothing), then tot[e] += acc[e]; vectorised over e.  acc holds 2E. */
 static void route_logits(const double *gate_t, const float *x, size_t H, size_t E, double *acc,
                          float *out)
 {
+    double *tot = acc + E;
+
     for (size_t e = 0; e < E; e++)
-        acc[e] = 0.0;
-    for (size_t h = 0; h < H; h++) {
-        const double xv = (double)x[h], *g = gate_t + h * E;
+        tot[e] = 0.0;
+    for (size_t h0 = 0; h0 < H; h0 += MOECAL_RM_BLOCK) {
+        size_t h1 = H - h0 < MOECAL_RM_BLOCK ? H : h0 + MOECAL_RM_BLOCK;
         for (size_t e = 0; e < E; e++)
-            acc[e] += xv * g[e];
+            acc[e] = 0.0;
+        for (size_t h = h0; h < h1; h++) {
+            const double xv = (double)x[h], *g = gate_t + h * E;
+            for (size_t e = 0; e < E; e++)
+                acc[e] += xv * g[e];
+        }
+        for (size_t e = 0; e < E; e++)
+            tot[e] += acc[e];
     }
     for (size_t e = 0; e < E; e++)
-        out[e] = (float)acc[e];
+        out[e] = (float)tot[e];
 }
 
 static moecal_status cpu_run_chunk(moecal_backend *b, const uint16_t *x, int64_t ntok,

@@ -1,6 +1,6 @@
 /* test_backend_cpu.c - the CPU backend against a naive per-token reference.
  *
- * The reference routes each token from logits accumulated in double, then
+ * The reference routes each token from route_math.h's logits, then
  * computes a and b of every selected local expert with plain double loops,
  * rounds them to bf16 and forms h as the model does.  Token counts and
  * amax(x) must match exactly; amax(h) within 1e-2 relative (the backend
@@ -24,6 +24,7 @@
 
 #include "backend.h"
 #include "fp8.h"
+#include "route_math.h"
 #include "router.h"
 
 static uint64_t rng_state;
@@ -200,12 +201,8 @@ static void reference(const problem *p, bool all, result *r)
             for (int e = 0; e < E; e++)
                 sel[e] = e;
         } else {
-            for (int e = 0; e < E; e++) {
-                double acc = 0.0;
-                for (int h = 0; h < H; h++)
-                    acc += (double)xf[h] * (double)p->gate[(size_t)e * H + h];
-                lg[e] = (float)acc;
-            }
+            for (int e = 0; e < E; e++)
+                lg[e] = moecal_route_logit_f(xf, p->gate + (size_t)e * H, (size_t)H);
             assert_int_equal(moecal_router_select(c, lg, p->bias, 1, sel, NULL), MOECAL_OK);
             nsel = k;
         }
@@ -377,22 +374,23 @@ static void test_cancellation_routing(void **state)
 {
     (void)state;
     problem p;
+    enum { HH = 1100 }; /* three blocks of route_math.h's sum, the last partial */
     /* Every token carries +-512 on channels 4 and 5, which every gate row
      * weighs equally: the products cancel exactly, and the logit is the
      * small rest.  A float32 GEMM (or any other order) loses low bits of the
      * rest to the large partial sums and flips close choices; the logits of
      * route_math.h (double, ascending h) keep them, and the reference's
      * selection must be met token for token. */
-    problem_make(&p, MOECAL_SCORING_SIGMOID, 16, 4, 2, 4, 64, 8, 0, 16, 2000, 13);
+    problem_make(&p, MOECAL_SCORING_SIGMOID, 16, 4, 2, 4, HH, 8, 0, 16, 2000, 13);
     p.cold = p.one = -1;
     for (int e = 0; e < 16; e++) {
-        p.gate[(size_t)e * 64] = (float)(0.1 * nrand());
-        p.gate[(size_t)e * 64 + 1] = (float)(0.1 * nrand());
-        p.gate[(size_t)e * 64 + 4] = p.gate[(size_t)e * 64 + 5] = 3.0f + (float)e / 64.0f;
+        p.gate[(size_t)e * HH] = (float)(0.1 * nrand());
+        p.gate[(size_t)e * HH + 1] = (float)(0.1 * nrand());
+        p.gate[(size_t)e * HH + 4] = p.gate[(size_t)e * HH + 5] = 3.0f + (float)e / 64.0f;
     }
     for (int t = 0; t < p.ntok; t++) {
-        p.x[(size_t)t * 64 + 4] = moecal_float_to_bf16(512.0f);
-        p.x[(size_t)t * 64 + 5] = moecal_float_to_bf16(-512.0f);
+        p.x[(size_t)t * HH + 4] = moecal_float_to_bf16(512.0f);
+        p.x[(size_t)t * HH + 5] = moecal_float_to_bf16(-512.0f);
     }
     check_problem(&p, false);
     problem_free(&p);

@@ -747,22 +747,25 @@ static void test_dgemm_router_exactness(void **state)
 {
     (void)state;
     problem p;
-    problem_make(&p, MOECAL_SCORING_SIGMOID, 16, 4, 2, 4, 64, 8, 0, 16, 2000, 41);
+    enum { HH = 1100 }; /* three blocks of route_math.h's sum, the last partial */
+    problem_make(&p, MOECAL_SCORING_SIGMOID, 16, 4, 2, 4, HH, 8, 0, 16, 2000, 41);
     p.cold = p.one = -1;
     for (int e = 0; e < 16; e++) {
-        p.gate[(size_t)e * 64] = (float)(0.1 * nrand());
-        p.gate[(size_t)e * 64 + 1] = (float)(0.1 * nrand());
-        p.gate[(size_t)e * 64 + 4] = p.gate[(size_t)e * 64 + 5] = 3.0f + (float)e / 64.0f;
+        p.gate[(size_t)e * HH] = (float)(0.1 * nrand());
+        p.gate[(size_t)e * HH + 1] = (float)(0.1 * nrand());
+        p.gate[(size_t)e * HH + 4] = p.gate[(size_t)e * HH + 5] = 3.0f + (float)e / 64.0f;
     }
     for (int t = 0; t < p.ntok; t++) {
-        p.x[(size_t)t * 64 + 4] = moecal_float_to_bf16(512.0f);
-        p.x[(size_t)t * 64 + 5] = moecal_float_to_bf16(-512.0f);
+        p.x[(size_t)t * HH + 4] = moecal_float_to_bf16(512.0f);
+        p.x[(size_t)t * HH + 5] = moecal_float_to_bf16(-512.0f);
     }
     /* token 7, expert 3: logit exactly 1 + 2^-24 before rounding */
-    memset(p.x + 7 * 64, 0, 64 * sizeof(uint16_t));
-    p.x[7 * 64] = p.x[7 * 64 + 1] = moecal_float_to_bf16(1.0f);
-    p.gate[3 * 64] = 1.0f;
-    p.gate[3 * 64 + 1] = ldexpf(1.0f, -24);
+    memset(p.x + 7 * HH, 0, HH * sizeof(uint16_t));
+    p.x[7 * HH] = p.x[7 * HH + 1] = moecal_float_to_bf16(1.0f);
+    p.gate[3 * HH] = 1.0f;
+    p.gate[3 * HH + 1] = ldexpf(1.0f, -24);
+    setenv("MOECAL_CUDA_ROUTER", "exact", 1);
+    check_problem(&p, false, 333, 0);      /* the FP64 kernel */
     setenv("MOECAL_CUDA_ROUTER", "dgemm", 1);
     check_problem(&p, false, 333, 0);
 
