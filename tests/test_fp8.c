@@ -517,6 +517,186 @@ static void test_dequant_bad_scales(void **state)
     free(out);
 }
 
+#define AMAX_FN moecal_fp8_block_amax
+/* ------------------------------------------------------------------ amax */
+
+static float largest_scale(void)
+{
+    static float cached;
+    uint32_t lo = 0x3f800000, hi = 0x7f800000;
+    if (cached > 0.0f)
+        return cached;
+    while (hi - lo > 1) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (isfinite(moecal_round_bf16(448.0f * u2f(mid))))
+            lo = mid;
+        else
+            hi = mid;
+    }
+    cached = u2f(lo);
+    return cached;
+}
+
+static float any_scale(int kind)
+{
+    switch (kind >= 0 ? kind : (int)(rng() % 8)) {
+    case 0:
+        return u2f(1 + (uint32_t)(rng() % 0x7fffff));
+    case 1:
+        return ldexpf(1.0f + (float)(rng() % 4096) / 4096.0f, -126 - (int)(rng() % 4));
+    case 2: {
+        float s = largest_scale();
+        for (int k = (int)(rng() % 64); k > 0; k--)
+            s = nextafterf(s, 0.0f);
+        return s;
+    }
+    default:
+        return ldexpf(1.0f + (float)(rng() % 100000) / 100000.0f, (int)(rng() % 246) - 127);
+    }
+}
+
+static float out_amax(const uint16_t *out, size_t n, uint64_t *n_nan)
+{
+    float m = 0.0f;
+    *n_nan = 0;
+    for (size_t i = 0; i < n; i++) {
+        float v = fabsf(moecal_bf16_to_float(out[i]));
+        if (isnan(v))
+            ++*n_nan;
+        else if (v > m)
+            m = v;
+    }
+    return m;
+}
+
+static void check_amax(const uint8_t *q, size_t rows, size_t cols, const float *s, size_t block)
+{
+    uint16_t *out = malloc((rows * cols + 1) * sizeof *out);
+    uint64_t nd = 1, na = 2, ne;
+    float ad = -1.0f, aa = -2.0f, ae;
+
+    assert_non_null(out);
+    assert_int_equal(moecal_fp8_dequant_bf16(q, rows, cols, s, block, out, &nd, &ad), MOECAL_OK);
+    assert_int_equal(AMAX_FN(q, rows, cols, s, block, &na, &aa), MOECAL_OK);
+    ae = out_amax(out, rows * cols, &ne);
+    if (!(memcmp(&aa, &ad, sizeof aa) == 0 && aa == ae) || na != nd || na != ne)
+        fail_msg("[%zu x %zu] block %zu: amax %a, dequant %a, max |out| %a; NaN %llu, %llu, "
+                 "%llu", rows, cols, block, (double)aa, (double)ad, (double)ae,
+                 (unsigned long long)na, (unsigned long long)nd, (unsigned long long)ne);
+    free(out);
+}
+
+static void run_amax_case(size_t rows, size_t cols, size_t block, unsigned nan_rate,
+                          int scale_kind)
+{
+    size_t nbr = (rows + block - 1) / block, nbc = (cols + block - 1) / block;
+    uint8_t *q = malloc(rows * cols + 1), *cap = malloc(nbr * nbc);
+    float *s = malloc((nbr * nbc + 1) * sizeof *s);
+
+    assert_non_null(q);
+    assert_non_null(cap);
+    assert_non_null(s);
+    for (size_t b = 0; b < nbr * nbc; b++) {
+        cap[b] = (uint8_t)(rng() % 0x7f);
+        s[b] = any_scale(scale_kind);
+    }
+    for (size_t r = 0; r < rows; r++) {
+        for (size_t c = 0; c < cols; c++) {
+            uint64_t h = rng();
+            unsigned m = (unsigned)(h % (cap[(r / block) * nbc + c / block] + 1u));
+            q[r * cols + c] = (uint8_t)(m | ((h >> 32) & 0x80));
+            if (nan_rate && (h >> 40) % nan_rate == 0)
+                q[r * cols + c] = (h & 0x100) ? 0xff : 0x7f;
+        }
+    }
+    check_amax(q, rows, cols, s, block);
+    assert_int_equal(AMAX_FN(q, rows, cols, s, block, NULL, NULL), MOECAL_OK);
+    free(q);
+    free(cap);
+    free(s);
+}
+
+static void test_amax_random(void **state)
+{
+    (void)state;
+    for (int i = 0; i < 50; i++) {
+        int k = i % 5 - 1;
+        run_amax_case(300, 200, 128, 0, k);
+        run_amax_case(33, 65, 16, i % 2 ? 50 : 0, k);
+        run_amax_case(37, 53, 7, 0, k);
+        run_amax_case(20, 100, 40, 0, k);
+        run_amax_case(5, 3, 128, 0, k);
+        run_amax_case(1, 1, 1, i % 4 == 0 ? 1 : 0, k);
+    }
+    run_amax_case(256, 8500, 128, 0, -1);
+    run_amax_case(1100, 1000, 128, 0, -1);
+    run_amax_case(1100, 1000, 128, 5000, -1);
+    run_amax_case(131, 129, 128, 3, -1);
+}
+
+static void test_amax_every_code(void **state)
+{
+    enum { R = 3, C = 37, B = 37 };
+    uint8_t q[R * 2 * C];
+    float s[2];
+
+    (void)state;
+    for (unsigned code = 0; code < 256; code++) {
+        unsigned mag = code & 0x7f;
+        for (size_t pos = 0; pos < R * B; pos++) {
+            size_t r = pos / B, c = pos % B;
+            for (size_t i = 0; i < sizeof q; i++) {
+                uint64_t h = rng();
+                unsigned m = mag > 0 && mag < 0x7f ? (unsigned)(h % mag) : (unsigned)(h % 0x7f);
+                q[i] = (uint8_t)(m | ((h >> 32) & 0x80));
+            }
+            q[r * 2 * C + c] = (uint8_t)code;
+            s[0] = any_scale(-1);
+            s[1] = rng() & 1 ? any_scale(-1) : 0x1p-100f;
+            check_amax(q, R, 2 * C, s, B);
+        }
+    }
+}
+
+static void test_amax_errors(void **state)
+{
+    uint8_t q[300 * 200];
+    float s[3 * 2], amax = -1.0f;
+    uint64_t n = 7;
+    const float bad[] = {NAN, INFINITY, -INFINITY, 0.0f, -0.0f, -1.0f, 1e38f,
+                         nextafterf(largest_scale(), INFINITY)};
+
+    (void)state;
+    memset(q, 0x38, sizeof q);
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char want[256];
+        for (int j = 0; j < 6; j++)
+            s[j] = 1.0f;
+        s[2 * 2 + 1] = bad[i];
+        assert_int_equal(moecal_fp8_check_scales(s, 3, 2), MOECAL_ERR_FORMAT);
+        snprintf(want, sizeof want, "%s", moecal_error_message());
+        assert_non_null(strstr(want, "block [2, 1]"));
+        assert_int_equal(AMAX_FN(q, 300, 200, s, 128, &n, &amax), MOECAL_ERR_FORMAT);
+        assert_string_equal(moecal_error_message(), want);
+    }
+    assert_int_equal(AMAX_FN(q, 300, 200, s, 0, NULL, NULL), MOECAL_ERR_INTERNAL);
+    amax = -1.0f;
+    n = 7;
+    assert_int_equal(AMAX_FN(q, 0, 200, s, 128, &n, &amax), MOECAL_OK);
+    assert_true(amax == 0.0f);
+    assert_int_equal(n, 0);
+    assert_int_equal(AMAX_FN(q, 300, 0, NULL, 128, &n, &amax), MOECAL_OK);
+    s[0] = largest_scale();
+    q[0] = 0x7e;
+    assert_int_equal(AMAX_FN(q, 1, 1, s, 128, &n, &amax), MOECAL_OK);
+    assert_true(amax == u2f(0x7f7f0000));
+    memset(q, 0xff, 64);
+    s[0] = 1.0f;
+    assert_int_equal(AMAX_FN(q, 8, 8, s, 128, &n, &amax), MOECAL_OK);
+    assert_int_equal(n, 64);
+    assert_true(amax == 0.0f);
+}
+
 /* ------------------------------------------------------------------ quant */
 
 static void test_quant_block(void **state)
@@ -581,6 +761,9 @@ int main(void)
         cmocka_unit_test(test_dequant_edges),
         cmocka_unit_test(test_dequant_nan_count),
         cmocka_unit_test(test_dequant_bad_scales),
+        cmocka_unit_test(test_amax_random),
+        cmocka_unit_test(test_amax_every_code),
+        cmocka_unit_test(test_amax_errors),
         cmocka_unit_test(test_quant_block),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

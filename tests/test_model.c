@@ -20,6 +20,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "fp8.h"
 #include "model.h"
 
 /* ------------------------------------------------------------------ data */
@@ -480,6 +481,53 @@ static const char qwen_config[] =
     " \"moe_intermediate_size\": 16, \"num_experts\": 3, \"num_experts_per_tok\": 2,\n"
     " \"decoder_sparse_step\": 1, \"mlp_only_layers\": [0], \"norm_topk_prob\": true}\n";
 
+static int same_float(float a, float b)
+{
+    return memcmp(&a, &b, sizeof a) == 0;
+}
+
+static void check_expert_apis(moecal_model *m, int L, int e, int p, moecal_dtype dt)
+{
+    const moecal_model_config *cfg = moecal_model_cfg(m);
+    size_t H = (size_t)cfg->hidden_size, I = (size_t)cfg->moe_intermediate_size;
+    size_t rows = p == MOECAL_W2 ? H : I, cols = p == MOECAL_W2 ? I : H;
+    size_t B = (size_t)cfg->weight_block[0], nbr = (rows + B - 1) / B, nbc = (cols + B - 1) / B;
+    uint16_t *w = malloc(rows * cols * sizeof *w), *d = malloc(rows * cols * sizeof *d);
+    uint8_t *q = malloc(rows * cols);
+    float *s = malloc(nbr * nbc * sizeof *s), amax = -1.0f, amax2 = -2.0f, amax3 = -3.0f;
+    char wn[128], sn[160];
+
+    moecal_model_expert_name(m, L, e, p, wn, sizeof wn);
+    snprintf(sn, sizeof sn, "%s_scale_inv", wn);
+    if (moecal_model_load_expert(m, L, e, p, w, &amax) != MOECAL_OK)
+        fail_msg("load %s: %s", wn, moecal_error_message());
+    if (moecal_model_expert_amax(m, L, e, p, &amax2) != MOECAL_OK)
+        fail_msg("amax %s: %s", wn, moecal_error_message());
+    if (!same_float(amax, amax2))
+        fail_msg("%s: expert_amax %a, load_expert %a", wn, (double)amax2, (double)amax);
+    if (dt != MOECAL_DT_F8_E4M3) {
+        assert_int_equal(moecal_model_load_expert_fp8(m, L, e, p, q, s, &amax3),
+                         MOECAL_ERR_UNSUPPORTED);
+        goto out;
+    }
+    memset(q, 0x7f, rows * cols);
+    if (moecal_model_load_expert_fp8(m, L, e, p, q, s, &amax3) != MOECAL_OK)
+        fail_msg("load fp8 %s: %s", wn, moecal_error_message());
+    assert_true(same_float(amax, amax3));
+    for (size_t i = 0; i < rows * cols; i++)
+        if (q[i] != gen_code(wn, i))
+            fail_msg("%s: byte %zu is 0x%02x, want 0x%02x", wn, i, q[i], gen_code(wn, i));
+    for (size_t i = 0; i < nbr * nbc; i++)
+        assert_true(same_float(s[i], gen_scale(sn, i)));
+    assert_int_equal(moecal_fp8_dequant_bf16(q, rows, cols, s, B, d, NULL, NULL), MOECAL_OK);
+    assert_memory_equal(d, w, rows * cols * sizeof *w);
+out:
+    free(w);
+    free(d);
+    free(q);
+    free(s);
+}
+
 static void test_single_bf16(void **state)
 {
     ckpt c;
@@ -516,6 +564,9 @@ static void test_single_bf16(void **state)
                 want_amax = fmaxf(want_amax, fabsf(want));
             }
             assert_true(amax == want_amax);
+            check_expert_apis(m, 1, e, p, (e == 1 && p == 1) ? MOECAL_DT_F32
+                                          : (e == 2 && p == 0) ? MOECAL_DT_F16
+                                                               : MOECAL_DT_BF16);
         }
     }
     assert_int_equal(moecal_model_load_gate(m, 1, gate, NULL), MOECAL_OK);
@@ -568,6 +619,49 @@ static void test_mixtral_names(void **state)
     assert_true(gate[5] == gen_exact("model.layers.0.block_sparse_moe.gate.weight", 5));
     moecal_model_close(m);
     remove_tmpdir();
+}
+
+static const char big_config[] =
+    "{\"model_type\": \"qwen3_moe\", \"hidden_size\": 4096, \"num_hidden_layers\": 2,\n"
+    " \"moe_intermediate_size\": 2100, \"num_experts\": 1, \"num_experts_per_tok\": 1,\n"
+    " \"decoder_sparse_step\": 1, \"mlp_only_layers\": [0],\n"
+    " \"quantization_config\": {\"quant_method\": \"fp8\", \"fmt\": \"e4m3\",\n"
+    "                         \"weight_block_size\": [128, 128]}}\n";
+
+static void test_chunked(void **state)
+{
+    const int64_t H = 4096, I = 2100, B = 128;
+
+    (void)state;
+    for (int variant = 0; variant < 2; variant++) {
+        const moecal_dtype dts[3] = {variant ? MOECAL_DT_BF16 : MOECAL_DT_F8_E4M3,
+                                     variant ? MOECAL_DT_F16 : MOECAL_DT_F8_E4M3,
+                                     variant ? MOECAL_DT_F32 : MOECAL_DT_F8_E4M3};
+        ckpt c;
+        char n[128];
+        moecal_model *m;
+
+        make_tmpdir();
+        c.n = 0;
+        add(&c, "model.layers.1.mlp.gate.weight", MOECAL_DT_BF16, 2, 1, H, 0);
+        for (int p = 0; p < 3; p++) {
+            int64_t r = p == 1 ? H : I, k = p == 1 ? I : H;
+            snprintf(n, sizeof n, "model.layers.1.mlp.experts.0.%s.weight", ds_proj[p]);
+            add(&c, n, dts[p], 2, r, k, 0);
+            if (dts[p] == MOECAL_DT_F8_E4M3) {
+                snprintf(n, sizeof n, "model.layers.1.mlp.experts.0.%s.weight_scale_inv",
+                         ds_proj[p]);
+                add(&c, n, MOECAL_DT_F32, 2, (r + B - 1) / B, (k + B - 1) / B, 0);
+            }
+        }
+        write_ckpt(&c, 0, NULL);
+        write_text("config.json", big_config);
+        m = open_ok();
+        for (int p = 0; p < 3; p++)
+            check_expert_apis(m, 1, 0, p, dts[p]);
+        moecal_model_close(m);
+        remove_tmpdir();
+    }
 }
 
 /* ------------------------------------------------------------------ bad checkpoints */
@@ -906,6 +1000,7 @@ int main(void)
         cmocka_unit_test(test_sharded_fp8),
         cmocka_unit_test(test_single_bf16),
         cmocka_unit_test(test_mixtral_names),
+        cmocka_unit_test(test_chunked),
         cmocka_unit_test(test_bad_index),
         cmocka_unit_test(test_bad_layouts),
         cmocka_unit_test(test_bad_experts),
