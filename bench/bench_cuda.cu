@@ -290,7 +290,7 @@ static void router_kernels(int64_t n, int H, int E)
                 k_logit_check<<<132 * 8, 256>>>(ld, nb, xn, gn, m, E, kb, out, fix, cap, nfix);
             }, 1);
             tf += time_ms([&] {
-                k_logit_fix<<<132 * 4, 256>>>(xp, g, m, H, E, fix, cap, nfix, out);
+                k_logit_fix<true><<<132 * 4, 256>>>(xp, g, m, H, E, fix, cap, nfix, out);
             }, 1);
         }
         CK(cudaGetLastError());
@@ -675,6 +675,16 @@ int main(int argc, char **argv)
         setenv("MOECAL_CUDA_STEP", "131072", 1);
         res.push_back(run_topk(L, "top-k 131072 ahead step 131072", 131072, total, false, true));
         unsetenv("MOECAL_CUDA_STEP");
+        /* stream priorities (backend_cuda.cu: MOECAL_CUDA_PRIO) */
+        setenv("MOECAL_CUDA_PRIO", "1", 1);
+        res.push_back(run_topk(L, "top-k 131072 ahead, GEMMs first", 131072, total, false, true));
+        setenv("MOECAL_CUDA_PRIO", "2", 1);
+        res.push_back(run_topk(L, "top-k 131072 ahead, route first", 131072, total, false, true));
+        res.push_back(run_topk(L, "top-k 32768 ahead, route first", 32768, t_small, false, true));
+        unsetenv("MOECAL_CUDA_PRIO");
+        setenv("MOECAL_CUDA_PIECE", "16384", 1);
+        res.push_back(run_topk(L, "top-k 131072 ahead piece 16384", 131072, total, false, true));
+        unsetenv("MOECAL_CUDA_PIECE");
     }
     res.push_back(run_topk(L, "all-experts 16384 pinned", 16384, quick ? 16384 : 32768, true));
 

@@ -16,11 +16,12 @@
  *           rounded to float (route_math.h); the model's selection, one
  *           thread per token, the float32 operations of router.c with
  *           route_math.h's exp; per local expert: token
- *           counts, amax(x) (integer atomicMax), a prefix sum and the token
- *           lists (counting sort); the counts (nloc ints) go to the host,
- *           which needs them to size the GEMMs: one small copy per step,
- *           never one per expert;
- *   gather  the rows of each local expert, contiguous (one warp per row);
+ *           counts, amax(x) (integer atomicMax), a prefix sum and each
+ *           selection's row in the gathered matrix (counting sort); the
+ *           counts (nloc ints) go to the host, which needs them to size the
+ *           GEMMs: one small copy per step, never one per expert;
+ *   gather  the rows of each local expert, contiguous: one warp per token
+ *           reads its row once and writes it to each of its local experts;
  *   gemm    per expert [n_e x H] x [H x 2I], bf16 in, float32 accumulation,
  *           bf16 out: cublasGemmEx on several streams, largest expert first
  *           (one cublasGemmGroupedBatchedEx call measured 2.5x slower);
@@ -53,10 +54,11 @@
  *
  * Tuning knobs, for benchmarks (read once by create): MOECAL_CUDA_STEP
  * (tokens per step), MOECAL_CUDA_PIECE (tokens per copy/route piece),
- * MOECAL_CUDA_STREAMS (GEMM streams, 1 to 8), MOECAL_CUDA_ROUTER (dgemm, the
- * default: route_math.h's block sums from a cuBLAS DGEMM with an error bound,
- * the logits the bound cannot settle recomputed exactly; or exact: the FP64
- * kernel alone; same bits either way, see kernels.cuh).
+ * MOECAL_CUDA_STREAMS (GEMM streams, 1 to 8), MOECAL_CUDA_PRIO (stream
+ * priorities: 0 none, 1 GEMMs high, 2 routing high), MOECAL_CUDA_ROUTER
+ * (dgemm, the default: route_math.h's block sums from a cuBLAS DGEMM with an
+ * error bound, the logits the bound cannot settle recomputed exactly; or
+ * exact: the FP64 kernel alone; same bits either way, see kernels.cuh).
  *
  * Memory: create computes what the shard needs (weights plus the step's
  * buffers) and refuses with MOECAL_ERR_NOMEM, giving the sizes, when that
@@ -226,6 +228,7 @@ struct moecal_backend {
     int64_t max_tok, step, piece;
     bool all_experts;
     int nstreams, all_group, copy_threads;
+    int prio;                     /* MOECAL_CUDA_PRIO: 0 none, 1 GEMMs high, 2 routing high */
     int layer;                    /* -1 until a layer is loaded */
     bool has_bias;
     char where[96];               /* "rank R GPU 0000:3b:00.0" */
@@ -247,7 +250,7 @@ struct moecal_backend {
     cublasHandle_t blas_route;
     int32_t *sel;                 /* [step][k] */
     int *cnt[2], *offs[2], *fill[2];
-    int32_t *list[2];             /* [step * k] (all-experts: [step]) */
+    int32_t *list[2];             /* top-k: [step * k] rows in xg (k_fill); all-experts: [step] */
     uint16_t *xg;                 /* gathered rows; FP8 staging in load_layer */
     size_t xg_bytes;
     uint16_t *ab[2];              /* GEMM outputs (top-k uses ab[0]) */
@@ -688,9 +691,12 @@ moecal_status allocate(moecal_backend *b, const plan &p)
 
     int lo = 0, hi = 0;
     CUDA_CHECK(b->where, cudaDeviceGetStreamPriorityRange(&lo, &hi));
+    /* lo is the lowest priority (the default), hi the highest */
+    const int p_route = b->prio == 2 ? hi : lo, p_gemm = b->prio == 1 ? hi : lo;
     CUDA_CHECK(b->where, cudaStreamCreateWithFlags(&b->s_copy, cudaStreamNonBlocking));
-    CUDA_CHECK(b->where, cudaStreamCreateWithFlags(&b->s_route, cudaStreamNonBlocking));
-    CUDA_CHECK(b->where, cudaStreamCreateWithFlags(&b->s_comp, cudaStreamNonBlocking));
+    CUDA_CHECK(b->where, cudaStreamCreateWithPriority(&b->s_route, cudaStreamNonBlocking,
+                                                      p_route));
+    CUDA_CHECK(b->where, cudaStreamCreateWithPriority(&b->s_comp, cudaStreamNonBlocking, p_gemm));
     if (b->dgemm_router) {
         CUBLAS_CHECK(b->where, cublasCreate(&b->blas_route));
         CUBLAS_CHECK(b->where, cublasSetStream(b->blas_route, b->s_route));
@@ -699,7 +705,8 @@ moecal_status allocate(moecal_backend *b, const plan &p)
         CUBLAS_CHECK(b->where, cublasSetMathMode(b->blas_route, CUBLAS_DEFAULT_MATH));
     }
     for (int i = 0; i < b->nstreams; i++) {
-        CUDA_CHECK(b->where, cudaStreamCreateWithFlags(&b->s_gemm[i], cudaStreamNonBlocking));
+        CUDA_CHECK(b->where, cudaStreamCreateWithPriority(&b->s_gemm[i], cudaStreamNonBlocking,
+                                                          p_gemm));
         CUDA_CHECK(b->where, cudaMalloc(&b->ws[i], WS_BYTES));
         CUBLAS_CHECK(b->where, cublasCreate(&b->blas[i]));
         CUBLAS_CHECK(b->where, cublasSetStream(b->blas[i], b->s_gemm[i]));
@@ -771,6 +778,7 @@ moecal_status cuda_create(const moecal_backend_config *cfg, moecal_backend **out
     b->all_experts = cfg->all_experts;
     b->layer = -1;
     b->nstreams = (int)env_long("MOECAL_CUDA_STREAMS", 4, 1, MAX_STREAMS);
+    b->prio = (int)env_long("MOECAL_CUDA_PRIO", 0, 0, 2);
     {
         /* dgemm (default): block sums by DGEMM + exactness check; exact: the
          * FP64 kernel (bench/NOTES-cuda.md, v4) */
@@ -1183,8 +1191,12 @@ moecal_status launch_logits(moecal_backend *b, const uint16_t *x, int64_t n, cud
         k_logit_check<<<grid, 256, 0, st>>>(b->ld, nb, b->xnorm, b->gnorm, n, b->E, kb,
                                             b->logits, b->fix, b->fixcap, b->nfix);
         LAUNCH_CHECK(b->where, "k_logit_check");
-        k_logit_fix<<<132 * 4, 256, 0, st>>>(x, b->gate, n, b->H, b->E, b->fix, b->fixcap,
-                                             b->nfix, b->logits);
+        if (b->H % 8 == 0)
+            k_logit_fix<true><<<132 * 4, 256, 0, st>>>(x, b->gate, n, b->H, b->E, b->fix,
+                                                       b->fixcap, b->nfix, b->logits);
+        else
+            k_logit_fix<false><<<132 * 4, 256, 0, st>>>(x, b->gate, n, b->H, b->E, b->fix,
+                                                        b->fixcap, b->nfix, b->logits);
         LAUNCH_CHECK(b->where, "k_logit_fix");
         return MOECAL_OK;
     }
@@ -1247,8 +1259,8 @@ moecal_status route_topk(moecal_backend *b, const chunk_slot &c, int64_t s, int6
         LAUNCH_CHECK(b->where, "k_count");
         k_scan<<<1, SCAN_THREADS, 0, st>>>(b->cnt[par], nloc, b->offs[par], b->fill[par]);
         LAUNCH_CHECK(b->where, "k_scan");
-        k_fill<<<grid, 256, 0, st>>>(b->sel, nsel, k, b->e0, nloc, b->offs[par],
-                                     b->fill[par], b->list[par]);
+        k_fill<<<grid, 256, 0, st>>>(b->sel, nsel, b->e0, nloc, b->offs[par], b->fill[par],
+                                     b->list[par]);
         LAUNCH_CHECK(b->where, "k_fill");
     }
     MOECAL_TRY(mark_end(b, id, st));
@@ -1315,13 +1327,17 @@ moecal_status compute_topk(moecal_backend *b, chunk_slot &c, int64_t j)
 
     MOECAL_TRY(mark_begin(b, T_GATHER, st, &id));
     {
+        /* token by token: each row read once, written to its local experts */
         const int per = 8;
-        int grid = (int)ceil_div(total, per);
+        const int64_t n = step_tokens(b, c, j - c.first);
+        int grid = (int)ceil_div(n, per);
         if (H % 8 == 0)
-            k_gather<true><<<grid, 32 * per, 0, st>>>(b->x[par], b->list[par], total, H, b->xg);
+            k_gather_tok<true><<<grid, 32 * per, 0, st>>>(b->x[par], b->list[par], n, b->k, H,
+                                                          b->xg);
         else
-            k_gather<false><<<grid, 32 * per, 0, st>>>(b->x[par], b->list[par], total, H, b->xg);
-        LAUNCH_CHECK(b->where, "k_gather");
+            k_gather_tok<false><<<grid, 32 * per, 0, st>>>(b->x[par], b->list[par], n, b->k, H,
+                                                           b->xg);
+        LAUNCH_CHECK(b->where, "k_gather_tok");
     }
     MOECAL_TRY(mark_end(b, id, st));
     CUDA_CHECK(b->where, cudaEventRecord(b->ev_gathered[par], st));

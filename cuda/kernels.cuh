@@ -437,21 +437,24 @@ k_scan(const int *__restrict__ cnt, int nloc, int *__restrict__ offs, int *__res
         offs[nloc] = carry;
 }
 
-/* list[offs[e] + i] = token, for the i-th (in no particular order) token of
- * local expert e.  The order does not matter: each GEMM row depends only on
- * its own token, and amax is a max. */
-__global__ void k_fill(const int32_t *__restrict__ sel, int64_t nsel, int k, int e0, int nloc,
+/* dest[i] = the row of the gathered matrix that selection i (token i / k,
+ * slot i % k) fills: offs[e] + the i-th (in no particular order) token of
+ * local expert e; -1 for a selection of another rank's expert.  The order
+ * does not matter: each GEMM row depends only on its own token, and amax is
+ * a max. */
+__global__ void k_fill(const int32_t *__restrict__ sel, int64_t nsel, int e0, int nloc,
                        const int *__restrict__ offs, int *__restrict__ fill,
-                       int32_t *__restrict__ list)
+                       int32_t *__restrict__ dest)
 {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= nsel)
         return;
     int e = sel[i] - e0;
-    if (e < 0 || e >= nloc)
+    if (e < 0 || e >= nloc) {
+        dest[i] = -1;
         return;
-    int p = atomicAdd(&fill[e], 1);
-    list[offs[e] + p] = (int32_t)(i / k);
+    }
+    dest[i] = offs[e] + atomicAdd(&fill[e], 1);
 }
 
 /* All-experts mode: the rows not skipped, and the max of their row maxima. */
@@ -503,6 +506,57 @@ __global__ void k_gather(const uint16_t *__restrict__ x, const int32_t *__restri
     }
 }
 
+/* Top-k: xg[dest[t * k + s]][:] = x[t][:] for every slot s of token t with
+ * dest >= 0 (k_fill), one warp per token: each row is read once, however
+ * many local experts it goes to (list-driven gathers read it k times), and
+ * not at all when none of them is local.  VEC: H % 8 == 0. */
+template <bool VEC>
+__global__ void k_gather_tok(const uint16_t *__restrict__ x, const int32_t *__restrict__ dest,
+                             int64_t n, int k, int H, uint16_t *__restrict__ xg)
+{
+    const int lane = threadIdx.x & 31;
+    const int64_t t = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (t >= n)
+        return;
+    const uint16_t *src = x + t * (int64_t)H;
+    for (int s0 = 0; s0 < k; s0 += 32) {
+        const int d = s0 + lane < k ? dest[t * k + s0 + lane] : -1;
+        const unsigned m = __ballot_sync(0xffffffffu, d >= 0);
+        if (m == 0)
+            continue;
+        if (VEC) {
+            const uint4 *s = reinterpret_cast<const uint4 *>(src);
+            const int nv = H / 8;
+            for (int i0 = 0; i0 < nv; i0 += 128) { /* uniform: the shuffles */
+                const int i = i0 + lane;
+                uint4 v[4];
+#pragma unroll
+                for (int u = 0; u < 4; u++)
+                    if (i + 32 * u < nv)
+                        v[u] = __ldg(s + i + 32 * u);
+                for (unsigned mm = m; mm != 0; mm &= mm - 1) {
+                    const int64_t row = __shfl_sync(0xffffffffu, d, __ffs((int)mm) - 1);
+                    uint4 *o = reinterpret_cast<uint4 *>(xg + row * H);
+#pragma unroll
+                    for (int u = 0; u < 4; u++)
+                        if (i + 32 * u < nv)
+                            o[i + 32 * u] = v[u];
+                }
+            }
+        } else {
+            for (int i0 = 0; i0 < H; i0 += 32) {
+                const int i = i0 + lane;
+                const uint16_t v = i < H ? src[i] : 0;
+                for (unsigned mm = m; mm != 0; mm &= mm - 1) {
+                    const int64_t row = __shfl_sync(0xffffffffu, d, __ffs((int)mm) - 1);
+                    if (i < H)
+                        xg[row * H + i] = v;
+                }
+            }
+        }
+    }
+}
+
 /* ------------------------------------------------------------------ activation amax */
 
 /* One item: rows [row0, row0 + nrows) of ab, whose columns [col0, col0 + I)
@@ -518,6 +572,10 @@ struct act_item {
 /* max |h| (as bits) over rows [row0, row0 + nrows) of ab, h = bf16(bf16(silu(a))
  * * b) as the CPU backend's activation_amax computes it, a at columns
  * [col0, col0 + I) and b at [col0 + I, col0 + 2I); this thread's share.
+ * silu by the hardware's exp2 and reciprocal (__expf, __fdividef: a few
+ * float ulps, far below the bf16 rounding that follows; IEEE expf and
+ * division made this pass compute-bound); Inf and NaN come out as the
+ * CPU's: silu(-Inf) = -Inf * 0 = NaN, silu(+Inf) = Inf, silu(a < -88) = -0.
  * VEC: I, ld and col0 multiples of 8 (16-byte loads). */
 template <bool VEC>
 __device__ __forceinline__ unsigned act_rows(const uint16_t *__restrict__ ab, int64_t ld, int I,
@@ -526,7 +584,7 @@ __device__ __forceinline__ unsigned act_rows(const uint16_t *__restrict__ ab, in
     unsigned m = 0;
     auto h_of = [](uint16_t au, uint16_t bu) -> unsigned {
         float a = bf16_to_f(au);
-        float s = round_bf16(a / (1.0f + expf(-a)));
+        float s = round_bf16(__fdividef(a, 1.0f + __expf(-a)));
         float h = round_bf16(s * bf16_to_f(bu));
         return __float_as_uint(h) & 0x7fffffffu;
     };
@@ -704,43 +762,76 @@ __global__ void k_logit_check(const double *__restrict__ d, int nb,
     }
 }
 
-/* The listed logits in route_math.h's order, one warp each: lane j sums
- * blocks j, j + 32, ... in ascending h, lane 0 adds the block sums in order
- * (the same operations as moecal_route_logit).  When more than cap were
- * listed, every logit of the piece (slow, and only for inputs far outside
- * any model's range).  Block size a multiple of 32. */
+/* One block sum of route_math.h: x[h0, h1) . g[h0, h1) in ascending h from
+ * +0.  VEC: 16-byte aligned x + h0 and 8-float aligned g + h0 (H % 8 == 0);
+ * the unrolled loads run ahead of the dependent chain of FMA. */
+template <bool VEC>
+__device__ __forceinline__ double block_dot(const uint16_t *__restrict__ x,
+                                            const float *__restrict__ g, int h0, int h1)
+{
+    double acc = 0.0;
+    int h = h0;
+    if (VEC) {
+#pragma unroll 4
+        for (; h + 8 <= h1; h += 8) {
+            const uint4 xv = __ldg(reinterpret_cast<const uint4 *>(x + h));
+            const float4 g0 = __ldg(reinterpret_cast<const float4 *>(g + h));
+            const float4 g1 = __ldg(reinterpret_cast<const float4 *>(g + h + 4));
+            const unsigned xw[4] = {xv.x, xv.y, xv.z, xv.w};
+            const float gw[8] = {g0.x, g0.y, g0.z, g0.w, g1.x, g1.y, g1.z, g1.w};
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                acc = fma((double)bf16_to_f((uint16_t)(xw[q] & 0xffff)), (double)gw[2 * q], acc);
+                acc = fma((double)bf16_to_f((uint16_t)(xw[q] >> 16)), (double)gw[2 * q + 1],
+                          acc);
+            }
+        }
+    }
+    for (; h < h1; h++)
+        acc = fma((double)bf16_to_f(x[h]), (double)g[h], acc);
+    return acc;
+}
+
+/* The listed logits in route_math.h's order.  W = min(32, nb rounded up to
+ * a power of 2) lanes per logit: lane j of the group sums blocks j, j + W,
+ * ... (each a chain of 512 FMA, independent of the others), lane 0 adds the
+ * block sums in ascending order (the same operations as moecal_route_logit).
+ * When more than cap were listed, every logit of the piece (slow, and only
+ * for inputs far outside any model's range).  Block size a multiple of 32;
+ * VEC: H % 8 == 0. */
+template <bool VEC>
 __global__ void k_logit_fix(const uint16_t *__restrict__ x, const float *__restrict__ g, int64_t n,
                             int H, int E, const int2 *__restrict__ fix, unsigned cap,
                             const unsigned *__restrict__ nfix, float *__restrict__ logits)
 {
     const unsigned cnt = *nfix;
     const int64_t total = cnt > cap ? n * E : (int64_t)cnt;
-    const int lane = threadIdx.x & 31;
     const int nb = (H + MOECAL_RM_BLOCK - 1) / MOECAL_RM_BLOCK;
+    int W = 1;
+    while (W < nb && W < 32)
+        W <<= 1;
+    const int lane = threadIdx.x & 31, sub = lane & (W - 1), base = lane - sub;
+    const unsigned gmask = (W == 32 ? 0xffffffffu : ((1u << W) - 1u)) << base;
     if (blockIdx.x == 0 && threadIdx.x == 0) /* the running total, for benchmarks */
         atomicAdd(reinterpret_cast<unsigned long long *>(const_cast<unsigned *>(nfix) + 2),
                   (unsigned long long)cnt);
-    const int64_t warps = (int64_t)gridDim.x * (blockDim.x >> 5);
-    for (int64_t i = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); i < total;
-         i += warps) {
+    const int64_t groups = (int64_t)gridDim.x * (blockDim.x / W);
+    /* the loop bound is the same for the W lanes of a group (the shuffles) */
+    for (int64_t i = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / W; i < total;
+         i += groups) {
         const int2 te = cnt > cap ? make_int2((int)(i / E), (int)(i % E)) : fix[i];
         const uint16_t *xr = x + (int64_t)te.x * H;
         const float *gr = g + (int64_t)te.y * H;
         double tot = 0.0;
-        for (int j0 = 0; j0 < nb; j0 += 32) {
-            double acc = 0.0;
-            const int j = j0 + lane;
-            if (j < nb) {
-                const int h1 = min(H, (j + 1) * MOECAL_RM_BLOCK);
-                for (int h = j * MOECAL_RM_BLOCK; h < h1; h++)
-                    acc = fma((double)moecal_rm_bf16(xr[h]), (double)gr[h], acc);
-            }
-            for (int l = 0; l < 32 && j0 + l < nb; l++) {
-                const double b = __shfl_sync(0xffffffffu, acc, l);
-                tot += b;
-            }
+        for (int j0 = 0; j0 < nb; j0 += W) {
+            const int j = j0 + sub;
+            const double acc = j < nb ? block_dot<VEC>(xr, gr, j * MOECAL_RM_BLOCK,
+                                                        min(H, (j + 1) * MOECAL_RM_BLOCK))
+                                      : 0.0;
+            for (int l = 0; l < W && j0 + l < nb; l++)
+                tot += __shfl_sync(gmask, acc, base + l);
         }
-        if (lane == 0)
+        if (sub == 0)
             logits[(int64_t)te.x * E + te.y] = (float)tot;
     }
 }

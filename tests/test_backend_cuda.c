@@ -743,12 +743,10 @@ static void test_fp8_weights(void **state)
  * weighs equally) and one logit exactly on a float rounding midpoint
  * (1 + 2^-24) force that path; the result must equal the CPU backend's and
  * the exact kernel's (MOECAL_CUDA_ROUTER=exact) bit for bit. */
-static void test_dgemm_router_exactness(void **state)
+static void dgemm_router_case(int HH, unsigned seed)
 {
-    (void)state;
     problem p;
-    enum { HH = 1100 }; /* three blocks of route_math.h's sum, the last partial */
-    problem_make(&p, MOECAL_SCORING_SIGMOID, 16, 4, 2, 4, HH, 8, 0, 16, 2000, 41);
+    problem_make(&p, MOECAL_SCORING_SIGMOID, 16, 4, 2, 4, HH, 8, 0, 16, 2000, seed);
     p.cold = p.one = -1;
     for (int e = 0; e < 16; e++) {
         p.gate[(size_t)e * HH] = (float)(0.1 * nrand());
@@ -791,6 +789,15 @@ static void test_dgemm_router_exactness(void **state)
     result_free(&r[0]);
     result_free(&r[1]);
     problem_free(&p);
+}
+
+static void test_dgemm_router_exactness(void **state)
+{
+    (void)state;
+    /* three blocks of route_math.h's sum, the last partial: H % 8 != 0 (the
+     * scalar recomputation) and H % 8 == 0 (16-byte loads) */
+    dgemm_router_case(1100, 41);
+    dgemm_router_case(1104, 42);
 }
 
 static void test_registry(void **state)
