@@ -428,6 +428,23 @@ static void test_softmax_k1_and_kE(void **state)
     problem_free(&p);
 }
 
+static void test_many_slots(void **state)
+{
+    (void)state;
+    problem p;
+    /* k > 32: the gather reads each token's destinations 32 slots at a time.
+     * k = E = 40 (softmax, every expert local but 3 at each end), 16-byte rows */
+    problem_make(&p, MOECAL_SCORING_SOFTMAX, 40, 1, 1, 40, 64, 24, 3, 37, 150, 22);
+    p.cold = p.one = -1;
+    check_problem(&p, false, 61, 40);
+    problem_free(&p);
+    /* k 34 of 48 in 4 groups keep 3 (36 candidates), scalar rows (H 37) */
+    problem_make(&p, MOECAL_SCORING_SIGMOID, 48, 4, 3, 34, 37, 19, 5, 44, 180, 23);
+    p.cold = p.one = -1;
+    check_problem(&p, false, 70, 50);
+    problem_free(&p);
+}
+
 static void test_ties(void **state)
 {
     (void)state;
@@ -798,6 +815,8 @@ static void test_dgemm_router_exactness(void **state)
      * scalar recomputation) and H % 8 == 0 (16-byte loads) */
     dgemm_router_case(1100, 41);
     dgemm_router_case(1104, 42);
+    /* 34 blocks: more than the 32 lanes that share one recomputed logit */
+    dgemm_router_case(33 * MOECAL_RM_BLOCK + 520, 43);
 }
 
 static void test_registry(void **state)
@@ -821,6 +840,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_deepseek_h200_i72),
         cmocka_unit_test(test_deepseek_wide),
         cmocka_unit_test(test_softmax_k1_and_kE),
+        cmocka_unit_test(test_many_slots),
         cmocka_unit_test(test_ties),
         cmocka_unit_test(test_skip_rows),
         cmocka_unit_test(test_all_experts),

@@ -1,0 +1,47 @@
+#!/bin/bash
+# bench/run-gpu-e2e.sh - on a GPU machine: `moecal calibrate --backend cuda`
+# end to end on a synthetic model with two DeepSeek-V3 MoE layers (FP8,
+# 22.6 GB of experts, 15 GB of activations), once per chunk size, then
+# `moecal compare` of the outputs.  The model is written to WORKDIR (about
+# 38 GB of disk) and read from the page cache: the first synth leaves it
+# there.  Logs go to OUTDIR; the timing lines are printed last.
+#   bench/run-gpu-e2e.sh BINDIR WORKDIR [OUTDIR] [RANKS] [CHUNK...]
+# BINDIR holds moecal (built --with-cuda; /work/shared/tools/gpu-bundle copies
+# it with its libraries, mpiexec included).  RANKS (default 1) ranks share the
+# node's GPUs; CHUNK defaults to 131072 32768.  SYNTH_ARGS and BACKEND
+# replace the model's sizes and the backend (a small dry run on a CPU:
+# SYNTH_ARGS="--preset demo" BACKEND=cpu).
+set -u
+bin=$(cd "${1:?usage: run-gpu-e2e.sh BINDIR WORKDIR [OUTDIR] [RANKS] [CHUNK...]}" && pwd)
+work=${2:?usage: run-gpu-e2e.sh BINDIR WORKDIR [OUTDIR] [RANKS] [CHUNK...]}
+out=${3:-${OUT:-.}}
+ranks=${4:-1}
+shift $(( $# >= 4 ? 4 : $# ))
+chunks=${*:-131072 32768}
+mkdir -p "$work" "$out"
+
+t0=$(date +%s)
+if [ ! -f "$work/model/activations.h5" ]; then
+    "$bin/moecal" synth -o "$work/model" \
+        ${SYNTH_ARGS:---preset deepseek-v3-layer --layers 5 --first-dense 3 --tokens 524288} \
+        --progress lines >"$out/synth.log" 2>&1 ||
+        { echo "synth failed (rc $?):"; tail -n 5 "$out/synth.log"; exit 1; }
+fi
+echo "== synth: $(( $(date +%s) - t0 )) s; $(du -sh "$work/model" | cut -f1)"
+
+first=
+for c in $chunks; do
+    t0=$(date +%s)
+    mpiexec -n "$ranks" "$bin/moecal" calibrate -m "$work/model" -o "$work/amax-$c.h5" -f \
+        --backend "${BACKEND:-cuda}" --chunk-tokens "$c" -v 2 >"$out/calibrate-$c.log" 2>&1
+    rc=$?
+    echo "== calibrate --chunk-tokens $c on $ranks rank(s): rc $rc, $(( $(date +%s) - t0 )) s"
+    grep -E "^# (rank 0 time|wrote)" "$out/calibrate-$c.log"
+    [ $rc -eq 0 ] || { tail -n 5 "$out/calibrate-$c.log"; continue; }
+    if [ -z "$first" ]; then
+        first=$c
+    else
+        echo "== compare $c with $first (x/weight amax and token counts must be identical)"
+        "$bin/moecal" compare "$work/amax-$c.h5" "$work/amax-$first.h5" 2>&1 | head -n 30
+    fi
+done
