@@ -4,7 +4,8 @@
 # 22.6 GB of experts, 15 GB of activations), once per chunk size, then
 # `moecal compare` of the outputs.  The model is written to WORKDIR (about
 # 38 GB of disk) and read from the page cache: the first synth leaves it
-# there.  Logs go to OUTDIR; the timing lines are printed last.
+# there.  Logs go to OUTDIR; each run's timing lines are printed after it.
+# Exits non-zero if a run or a comparison fails.
 #   bench/run-gpu-e2e.sh BINDIR WORKDIR [OUTDIR] [RANKS] [CHUNK...]
 # BINDIR holds moecal (built --with-cuda; /work/shared/tools/gpu-bundle copies
 # it with its libraries, mpiexec included).  RANKS (default 1) ranks share the
@@ -12,8 +13,10 @@
 # replace the model's sizes and the backend (a small dry run on a CPU:
 # SYNTH_ARGS="--preset demo" BACKEND=cpu).
 set -u
-bin=$(cd "${1:?usage: run-gpu-e2e.sh BINDIR WORKDIR [OUTDIR] [RANKS] [CHUNK...]}" && pwd)
-work=${2:?usage: run-gpu-e2e.sh BINDIR WORKDIR [OUTDIR] [RANKS] [CHUNK...]}
+usage="usage: run-gpu-e2e.sh BINDIR WORKDIR [OUTDIR] [RANKS] [CHUNK...]"
+[ $# -ge 2 ] || { echo "$usage" >&2; exit 2; }
+bin=$(cd "$1" && pwd) || exit 2
+work=$2
 out=${3:-${OUT:-.}}
 ranks=${4:-1}
 shift $(( $# >= 4 ? 4 : $# ))
@@ -29,7 +32,7 @@ if [ ! -f "$work/model/activations.h5" ]; then
 fi
 echo "== synth: $(( $(date +%s) - t0 )) s; $(du -sh "$work/model" | cut -f1)"
 
-first=
+first= status=0
 for c in $chunks; do
     t0=$(date +%s)
     mpiexec -n "$ranks" "$bin/moecal" calibrate -m "$work/model" -o "$work/amax-$c.h5" -f \
@@ -37,11 +40,14 @@ for c in $chunks; do
     rc=$?
     echo "== calibrate --chunk-tokens $c on $ranks rank(s): rc $rc, $(( $(date +%s) - t0 )) s"
     grep -E "^# (rank 0 time|wrote)" "$out/calibrate-$c.log"
-    [ $rc -eq 0 ] || { tail -n 5 "$out/calibrate-$c.log"; continue; }
+    [ $rc -eq 0 ] || { tail -n 5 "$out/calibrate-$c.log"; status=1; continue; }
     if [ -z "$first" ]; then
         first=$c
     else
-        echo "== compare $c with $first (x/weight amax and token counts must be identical)"
-        "$bin/moecal" compare "$work/amax-$c.h5" "$work/amax-$first.h5" 2>&1 | head -n 30
+        echo "== compare $c with $first (every amax row must be 100% identical)"
+        "$bin/moecal" compare "$work/amax-$c.h5" "$work/amax-$first.h5" >"$out/compare-$c.log" 2>&1 ||
+            status=1
+        head -n 30 "$out/compare-$c.log"
     fi
 done
+exit $status
