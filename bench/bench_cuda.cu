@@ -229,14 +229,14 @@ static void router_kernels(int64_t n, int H, int E)
     CK(cudaMalloc(&ltot, (size_t)n * E * 8));
     double t2 = time_ms([&] {
         dim3 grid((unsigned)((E + LG_BE - 1) / LG_BE), (unsigned)((n + LG_BT - 1) / LG_BT));
-        k_logits<true><<<grid, LG_THREADS>>>(x, g, n, H, E, ltot, lg);
+        k_logits<true><<<grid, LG_THREADS>>>(x, g, n, H, E, MOECAL_LOGITS_FP32, ltot, lg);
     }, 5);
     CK(cudaFree(ltot));
-    select_params sp = {E, 8, 8, 4, 1, 1, 1, select_words(E, 8, 8)};
+    select_params sp = {E, 8, 8, 4, 1, 1, 1, select_words(E, 8, 8, 4)};
     size_t smem = (size_t)64 * sp.words * 4;
-    CK(cudaFuncSetAttribute(k_select, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    CK(cudaFuncSetAttribute(k_select<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     double t3 = time_ms([&] {
-        k_select<<<(unsigned)((n + 63) / 64), 64, smem>>>(lg, bias, nullptr, n, sp, sel);
+        k_select<float><<<(unsigned)((n + 63) / 64), 64, smem>>>(lg, bias, nullptr, n, sp, sel);
     }, 5);
     printf("\n# router kernels, %lld tokens, H %d, E %d (FP64 logits, route_math.h order)\n",
            (long long)n, H, E);
@@ -287,10 +287,10 @@ static void router_kernels(int64_t n, int H, int E)
             }, 3);
             tk += time_ms([&] {
                 cudaMemsetAsync(nfix, 0, 4);
-                k_logit_check<<<132 * 8, 256>>>(ld, nb, xn, gn, m, E, kb, out, fix, cap, nfix);
+                k_logit_check<<<132 * 8, 256>>>(ld, nb, xn, gn, m, E, kb, MOECAL_LOGITS_FP32, out, fix, cap, nfix);
             }, 1);
             tf += time_ms([&] {
-                k_logit_fix<true><<<132 * 4, 256>>>(xp, g, m, H, E, fix, cap, nfix, out);
+                k_logit_fix<true><<<132 * 4, 256>>>(xp, g, m, H, E, MOECAL_LOGITS_FP32, fix, cap, nfix, out);
             }, 1);
         }
         CK(cudaGetLastError());

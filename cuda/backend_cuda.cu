@@ -241,6 +241,8 @@ struct moecal_backend {
     unsigned *rowmax[2];
     float *logits;                /* [piece][E] */
     bool dgemm_router;            /* logits by DGEMM + exactness check (else k_logits) */
+    int prec;                     /* --router-logits (moecal_logit_prec); exact: the
+                                   * logits stay double, in ltot */
     double *gate_d, *gnorm;       /* [E][Hp], [E][nb] */
     double *xd, *xnorm, *ld;      /* [piece][Hp], [piece][nb], [nb][piece][E] */
     double *ltot;                 /* [piece][E]: block totals of the exact kernel */
@@ -776,6 +778,7 @@ moecal_status cuda_create(const moecal_backend_config *cfg, moecal_backend **out
     b->rank = cfg->rank;
     b->max_tok = cfg->max_chunk_tokens;
     b->all_experts = cfg->all_experts;
+    b->prec = cfg->router_logits;
     b->layer = -1;
     b->nstreams = (int)env_long("MOECAL_CUDA_STREAMS", 4, 1, MAX_STREAMS);
     b->prio = (int)env_long("MOECAL_CUDA_PRIO", 0, 0, 2);
@@ -783,7 +786,8 @@ moecal_status cuda_create(const moecal_backend_config *cfg, moecal_backend **out
         /* dgemm (default): block sums by DGEMM + exactness check; exact: the
          * FP64 kernel (bench/NOTES-cuda.md, v4) */
         const char *r = getenv("MOECAL_CUDA_ROUTER");
-        b->dgemm_router = !b->all_experts && !(r && strcmp(r, "exact") == 0);
+        b->dgemm_router = !b->all_experts && !(r && strcmp(r, "exact") == 0) &&
+                          b->prec != MOECAL_LOGITS_EXACT;
     }
     b->copy_threads = cfg->threads > 0 ? std::min(cfg->threads, 64)
                                        : std::min(MAX_COPY_THREADS, bound_cpus());
@@ -843,7 +847,8 @@ moecal_status cuda_create(const moecal_backend_config *cfg, moecal_backend **out
 
     /* selection kernel: per-token scratch in shared memory */
     {
-        int words = select_words(b->E, b->k, b->model.n_group);
+        const bool dbl = b->prec == MOECAL_LOGITS_EXACT;
+        int words = select_words(b->E, b->k, b->model.n_group, dbl ? 8 : 4);
         int smem_max = 0;
         cudaError_t e = cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin,
                                                dev);
@@ -862,9 +867,13 @@ moecal_status cuda_create(const moecal_backend_config *cfg, moecal_backend **out
         b->sel_threads = nt;
         b->sel_smem = (size_t)nt * (size_t)words * 4;
         if (b->sel_smem > 48 * 1024) {
-            cudaError_t ea = cudaFuncSetAttribute(k_select,
-                                                  cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                  (int)b->sel_smem);
+            cudaError_t ea =
+                dbl ? cudaFuncSetAttribute(k_select<double>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           (int)b->sel_smem)
+                    : cudaFuncSetAttribute(k_select<float>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           (int)b->sel_smem);
             if (ea != cudaSuccess) {
                 moecal_status s = cuda_fail(b->where, "cudaFuncSetAttribute(k_select)",
                                             cudaGetErrorString(ea), __FILE__, __LINE__);
@@ -1189,24 +1198,24 @@ moecal_status launch_logits(moecal_backend *b, const uint16_t *x, int64_t n, cud
         const int64_t tot = n * b->E;
         int grid = (int)std::min<int64_t>(ceil_div(tot, 256), 132 * 8);
         k_logit_check<<<grid, 256, 0, st>>>(b->ld, nb, b->xnorm, b->gnorm, n, b->E, kb,
-                                            b->logits, b->fix, b->fixcap, b->nfix);
+                                            b->prec, b->logits, b->fix, b->fixcap, b->nfix);
         LAUNCH_CHECK(b->where, "k_logit_check");
         if (b->H % 8 == 0)
-            k_logit_fix<true><<<132 * 4, 256, 0, st>>>(x, b->gate, n, b->H, b->E, b->fix,
-                                                       b->fixcap, b->nfix, b->logits);
+            k_logit_fix<true><<<132 * 4, 256, 0, st>>>(x, b->gate, n, b->H, b->E, b->prec,
+                                                       b->fix, b->fixcap, b->nfix, b->logits);
         else
-            k_logit_fix<false><<<132 * 4, 256, 0, st>>>(x, b->gate, n, b->H, b->E, b->fix,
-                                                        b->fixcap, b->nfix, b->logits);
+            k_logit_fix<false><<<132 * 4, 256, 0, st>>>(x, b->gate, n, b->H, b->E, b->prec,
+                                                        b->fix, b->fixcap, b->nfix, b->logits);
         LAUNCH_CHECK(b->where, "k_logit_fix");
         return MOECAL_OK;
     }
     dim3 grid((unsigned)ceil_div(b->E, LG_BE), (unsigned)ceil_div(n, LG_BT));
     if (b->H % 8 == 0)
-        k_logits<true><<<grid, LG_THREADS, 0, st>>>(x, b->gate, n, b->H, b->E, b->ltot,
-                                                     b->logits);
+        k_logits<true><<<grid, LG_THREADS, 0, st>>>(x, b->gate, n, b->H, b->E, b->prec,
+                                                     b->ltot, b->logits);
     else
-        k_logits<false><<<grid, LG_THREADS, 0, st>>>(x, b->gate, n, b->H, b->E, b->ltot,
-                                                      b->logits);
+        k_logits<false><<<grid, LG_THREADS, 0, st>>>(x, b->gate, n, b->H, b->E, b->prec,
+                                                      b->ltot, b->logits);
     LAUNCH_CHECK(b->where, "k_logits");
     return MOECAL_OK;
 }
@@ -1231,7 +1240,7 @@ moecal_status route_topk(moecal_backend *b, const chunk_slot &c, int64_t s, int6
     sp.grouped = sp.G > 1 && sp.TG < sp.G;
     sp.sigmoid = b->model.scoring == MOECAL_SCORING_SIGMOID;
     sp.has_bias = b->has_bias;
-    sp.words = select_words(sp.E, sp.k, sp.G);
+    sp.words = select_words(sp.E, sp.k, sp.G, b->prec == MOECAL_LOGITS_EXACT ? 8 : 4);
 
     /* the lists of this parity were read by the gather two steps back */
     CUDA_CHECK(b->where, cudaStreamWaitEvent(st, b->ev_gathered[par], 0));
@@ -1244,9 +1253,14 @@ moecal_status route_topk(moecal_backend *b, const chunk_slot &c, int64_t s, int6
         MOECAL_TRY(launch_rowmax(b, xp, m, b->rowmax[par] + r0, st));
         MOECAL_TRY(launch_logits(b, xp, m, st));
         int grid = (int)ceil_div(m, b->sel_threads);
-        k_select<<<grid, b->sel_threads, b->sel_smem, st>>>(
-            b->logits, b->bias, c.skip ? b->skip[par] + r0 : nullptr, m, sp,
-            b->sel + (size_t)r0 * (size_t)k);
+        if (b->prec == MOECAL_LOGITS_EXACT)
+            k_select<double><<<grid, b->sel_threads, b->sel_smem, st>>>(
+                b->ltot, b->bias, c.skip ? b->skip[par] + r0 : nullptr, m, sp,
+                b->sel + (size_t)r0 * (size_t)k);
+        else
+            k_select<float><<<grid, b->sel_threads, b->sel_smem, st>>>(
+                b->logits, b->bias, c.skip ? b->skip[par] + r0 : nullptr, m, sp,
+                b->sel + (size_t)r0 * (size_t)k);
         LAUNCH_CHECK(b->where, "k_select");
         MOECAL_TRY(mark_end(b, id, st));
     }

@@ -116,7 +116,7 @@ enum { LG_BT = 64, LG_BE = 128, LG_BK = 16, LG_THREADS = 128 };
 template <bool VEC>
 __global__ void __launch_bounds__(LG_THREADS, 2)
 k_logits(const uint16_t *__restrict__ x, const float *__restrict__ g, int64_t n, int H, int E,
-          double *__restrict__ tot, float *__restrict__ logits)
+          int prec, double *__restrict__ tot, float *__restrict__ logits)
 {
     __shared__ __align__(16) double xs[LG_BK][LG_BT];
     __shared__ __align__(16) double gs[LG_BK][LG_BE];
@@ -221,8 +221,9 @@ k_logits(const uint16_t *__restrict__ x, const float *__restrict__ g, int64_t n,
                     const int e = e0 + tx + 16 * j;
                     if (t < n && e < E) {
                         double v = first ? acc[i][j] : tot[t * E + e] + acc[i][j];
-                        if (last)
-                            logits[t * E + e] = __double2float_rn(v);
+                        /* the exact precision keeps the double sum in tot */
+                        if (last && prec != MOECAL_LOGITS_EXACT)
+                            logits[t * E + e] = moecal_route_round(v, prec);
                         else
                             tot[t * E + e] = v;
                     }
@@ -235,11 +236,12 @@ k_logits(const uint16_t *__restrict__ x, const float *__restrict__ g, int64_t n,
 
 /* ------------------------------------------------------------------ selection */
 
-/* The router of router.c, one thread per token, with route_math.h's exp.
+/* The router of router.c (router_tmpl.h), one thread per token, with
+ * route_math.h's exp; T = float, or double for the exact logit precision.
  * Per-token scratch lives in dynamic shared memory, transposed (element j of
- * thread i at [j * nt + i]) so that threads at the same step hit distinct
- * banks.  Layout in 4-byte words, per token: choice [E], gscore [G], tv [KG],
- * ti [KG], gi [G], keep [G] with KG = max(k, G). */
+ * thread i at [j * nt + i] of its array) so that threads at the same step hit
+ * distinct banks.  Arrays: T choice [E], gscore [G], tv [KG], then int ti
+ * [KG], gi [G], keep [G], with KG = max(k, G). */
 struct select_params {
     int E, k, G, TG;
     int grouped;      /* 1 < G and TG < G */
@@ -248,22 +250,33 @@ struct select_params {
     int words;        /* per-token words of scratch */
 };
 
-__host__ __device__ inline int select_words(int E, int k, int G)
+/* 4-byte words of scratch per token, for values of tsize bytes */
+__host__ __device__ inline int select_words(int E, int k, int G, int tsize)
 {
     int KG = k > G ? k : G;
-    return E + G + 2 * KG + 2 * G;
+    return (E + G + KG) * (tsize / 4) + KG + 2 * G;
 }
 
-__device__ __forceinline__ float no_nan(float v)
+template <typename T> __device__ __forceinline__ T no_nan(T v)
 {
-    return v == v ? v : -__int_as_float(0x7f800000);
+    return v == v ? v : -(T)INFINITY;
 }
+
+/* the float32 operations of router.c, each rounded once (no contraction) */
+__device__ __forceinline__ float rt_add(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ float rt_sub(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ float rt_div(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ float rt_exp(float x) { return moecal_route_expf(x); }
+__device__ __forceinline__ double rt_add(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ double rt_sub(double a, double b) { return __dsub_rn(a, b); }
+__device__ __forceinline__ double rt_div(double a, double b) { return __ddiv_rn(a, b); }
+__device__ __forceinline__ double rt_exp(double x) { return moecal_route_exp(x); }
 
 /* Offer (v, i) to the descending list tv/ti (stride nt) of *cnt <= cap
  * entries; candidates arrive in ascending index order, so an equal value
  * never overtakes a lower index. */
-__device__ __forceinline__ void top_push(float *tv, int *ti, int nt, int *cnt, int cap, float v,
-                                         int i)
+template <typename T>
+__device__ __forceinline__ void top_push(T *tv, int *ti, int nt, int *cnt, int cap, T v, int i)
 {
     int p = *cnt;
     if (p == cap) {
@@ -282,51 +295,55 @@ __device__ __forceinline__ void top_push(float *tv, int *ti, int nt, int *cnt, i
     ti[p * nt] = i;
 }
 
-__global__ void k_select(const float *__restrict__ logits, const float *__restrict__ bias,
+template <typename T>
+__global__ void k_select(const T *__restrict__ logits, const float *__restrict__ bias,
                          const uint8_t *__restrict__ skip, int64_t n, select_params sp,
                          int32_t *__restrict__ sel)
 {
-    extern __shared__ float sm[];
+    extern __shared__ __align__(8) unsigned char sm_bytes[];
     const int nt = blockDim.x, tid = threadIdx.x;
     const int64_t t = (int64_t)blockIdx.x * nt + tid;
     if (t >= n)
         return;
     const int E = sp.E, k = sp.k, G = sp.G;
     const int KG = k > G ? k : G;
-    float *choice = sm + tid;
-    float *gs = choice + (size_t)E * nt;
-    float *tv = gs + (size_t)G * nt;
-    int *ti = reinterpret_cast<int *>(tv + (size_t)KG * nt);
+    T *const tbase = reinterpret_cast<T *>(sm_bytes);
+    int *const ibase = reinterpret_cast<int *>(tbase + (size_t)(E + G + KG) * nt);
+    T *choice = tbase + tid;
+    T *gs = choice + (size_t)E * nt;
+    T *tv = gs + (size_t)G * nt;
+    int *ti = ibase + tid;
     int *gi = ti + (size_t)KG * nt;
     int *keep = gi + (size_t)G * nt;
     int32_t *out = sel + t * k;
+    const T one = 1, minus_inf = -(T)INFINITY;
 
     if (skip != nullptr && skip[t]) {
         for (int i = 0; i < k; i++)
             out[i] = -1;
         return;
     }
-    const float *l = logits + t * E;
+    const T *l = logits + t * E;
 
-    /* choice values (router.c token_choice) */
+    /* choice values (router_tmpl.h token_choice) */
     if (sp.sigmoid) {
         for (int j = 0; j < E; j++) {
-            float s = __fdiv_rn(1.0f, __fadd_rn(1.0f, moecal_route_expf(-l[j])));
-            choice[(size_t)j * nt] = no_nan(sp.has_bias ? __fadd_rn(s, bias[j]) : s);
+            T s = rt_div(one, rt_add(one, rt_exp(-l[j])));
+            choice[(size_t)j * nt] = no_nan(sp.has_bias ? rt_add(s, (T)bias[j]) : s);
         }
     } else {
-        float m = l[0];
+        T m = l[0];
         for (int j = 1; j < E; j++)
-            m = fmaxf(m, l[j]);
-        float sum = 0.0f;
+            m = (l[j] > m || m != m) ? l[j] : m; /* fmax: a NaN loses */
+        T sum = 0;
         for (int j = 0; j < E; j++) {
-            float c = moecal_route_expf(__fsub_rn(l[j], m));
+            T c = rt_exp(rt_sub(l[j], m));
             choice[(size_t)j * nt] = c;
-            sum = __fadd_rn(sum, c);
+            sum = rt_add(sum, c);
         }
         for (int j = 0; j < E; j++) {
-            float c = __fdiv_rn(choice[(size_t)j * nt], sum);
-            choice[(size_t)j * nt] = no_nan(sp.has_bias ? __fadd_rn(c, bias[j]) : c);
+            T c = rt_div(choice[(size_t)j * nt], sum);
+            choice[(size_t)j * nt] = no_nan(sp.has_bias ? rt_add(c, (T)bias[j]) : c);
         }
     }
 
@@ -335,11 +352,11 @@ __global__ void k_select(const float *__restrict__ logits, const float *__restri
         /* group scores (router.c select_groups) */
         const int gsz = E / G;
         for (int g = 0; g < G; g++) {
-            const float *c = choice + (size_t)g * gsz * nt;
-            float m1 = c[0], m2 = 0.0f;
+            const T *c = choice + (size_t)g * gsz * nt;
+            T m1 = c[0], m2 = 0;
             int have2 = 0;
             for (int j = 1; j < gsz; j++) {
-                float v = c[(size_t)j * nt];
+                T v = c[(size_t)j * nt];
                 if (v > m1) {
                     m2 = m1;
                     m1 = v;
@@ -349,7 +366,7 @@ __global__ void k_select(const float *__restrict__ logits, const float *__restri
                     have2 = 1;
                 }
             }
-            gs[(size_t)g * nt] = no_nan((sp.has_bias && have2) ? __fadd_rn(m1, m2) : m1);
+            gs[(size_t)g * nt] = no_nan((sp.has_bias && have2) ? rt_add(m1, m2) : m1);
         }
         int gc = 0;
         for (int g = 0; g < G; g++)
@@ -360,14 +377,14 @@ __global__ void k_select(const float *__restrict__ logits, const float *__restri
             keep[(size_t)gi[(size_t)i * nt] * nt] = 1;
         /* experts of dropped groups compete as -inf */
         for (int g = 0; g < G; g++) {
-            const float *c = choice + (size_t)g * gsz * nt;
+            const T *c = choice + (size_t)g * gsz * nt;
             int j0 = g * gsz;
             if (keep[(size_t)g * nt]) {
                 for (int j = 0; j < gsz; j++)
                     top_push(tv, ti, nt, &cnt, k, c[(size_t)j * nt], j0 + j);
             } else if (cnt < k) {
                 for (int j = 0; j < gsz; j++)
-                    top_push(tv, ti, nt, &cnt, k, -__int_as_float(0x7f800000), j0 + j);
+                    top_push(tv, ti, nt, &cnt, k, minus_inf, j0 + j);
             }
         }
     } else {
@@ -735,7 +752,7 @@ __global__ void k_gate_to_double(const float *__restrict__ g, int E, int H, int 
  * inflated. */
 __global__ void k_logit_check(const double *__restrict__ d, int nb,
                               const double *__restrict__ xnorm, const double *__restrict__ gnorm,
-                              int64_t n, int E, double kb, float *__restrict__ logits,
+                              int64_t n, int E, double kb, int prec, float *__restrict__ logits,
                               int2 *__restrict__ fix, unsigned cap, unsigned *__restrict__ nfix)
 {
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
@@ -750,8 +767,13 @@ __global__ void k_logit_check(const double *__restrict__ d, int nb,
         /* the bound, plus the rounding of v -+ B itself (an ulp of |v|) */
         /* a >= sum_j |x_j| |g_j| >= sum |x g| (Cauchy-Schwarz per block),
          * computed with a relative error far below the 2^-20 in kb */
+        /* rounding is monotone: when both ends of the interval round to the
+         * same float32 (or bf16) value, so does route_math.h's sum, which
+         * lies between them; an interval that holds a rounding boundary (a
+         * float or bf16 midpoint) goes to the exact path */
         const double bnd = kb * a + fabs(v) * 0x1p-50 + 0x1p-1000;
-        const float lo = (float)(v - bnd), hi = (float)(v + bnd);
+        const float lo = moecal_route_round(v - bnd, prec);
+        const float hi = moecal_route_round(v + bnd, prec);
         if (__float_as_uint(lo) == __float_as_uint(hi)) {
             logits[i] = lo;
         } else {
@@ -801,7 +823,7 @@ __device__ __forceinline__ double block_dot(const uint16_t *__restrict__ x,
  * VEC: H % 8 == 0. */
 template <bool VEC>
 __global__ void k_logit_fix(const uint16_t *__restrict__ x, const float *__restrict__ g, int64_t n,
-                            int H, int E, const int2 *__restrict__ fix, unsigned cap,
+                            int H, int E, int prec, const int2 *__restrict__ fix, unsigned cap,
                             const unsigned *__restrict__ nfix, float *__restrict__ logits)
 {
     const unsigned cnt = *nfix;
@@ -832,7 +854,7 @@ __global__ void k_logit_fix(const uint16_t *__restrict__ x, const float *__restr
                 tot += __shfl_sync(gmask, acc, base + l);
         }
         if (sub == 0)
-            logits[(int64_t)te.x * E + te.y] = (float)tot;
+            logits[(int64_t)te.x * E + te.y] = moecal_route_round(tot, prec);
     }
 }
 

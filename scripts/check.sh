@@ -5,6 +5,10 @@
 #   CHECK_DISTCHECK=1 scripts/check.sh   also make distcheck
 #   CHECK_FUZZ_SECONDS=N          fuzz each target N seconds (default 60; 0 = off)
 #   CHECK_CONFIGURE_FLAGS="..."   extra configure flags
+#   CHECK_PYENV=DIR               the venv with torch and transformers for the
+#                                 Hugging Face tests (default ./.check-pyenv,
+#                                 made from tests/requirements-hf.txt, reused)
+#   CHECK_HF=0                    do not make it: those tests then skip
 #
 # The last line is always "tests: N passed, N failed, N skipped"; the exit
 # status is non-zero if anything failed.
@@ -19,6 +23,23 @@ die() { echo "check.sh: $*" >&2; failn=$((failn + 1)); summary; exit 1; }
 "$top/scripts/deps.sh" --with-fuzz --with-slurm || die "missing Debian packages (see above)"
 
 cd "$top" || die "cannot enter $top"
+
+# torch and transformers from PyPI for the tests that run Hugging Face models
+# (about 2 minutes the first time; the venv is reused while the pins match).
+if [ "${CHECK_HF:-1}" != 0 ]; then
+    pyenv=${CHECK_PYENV:-$top/.check-pyenv}
+    req=$top/tests/requirements-hf.txt
+    if ! cmp -s "$req" "$pyenv/requirements-hf.txt" 2>/dev/null; then
+        t0=$(date +%s)
+        rm -rf "$pyenv"
+        { /usr/bin/python3 -m venv "$pyenv" &&
+          "$pyenv/bin/pip" install -q --disable-pip-version-check -r "$req" &&
+          cp "$req" "$pyenv/requirements-hf.txt"; } ||
+            die "cannot install tests/requirements-hf.txt into $pyenv (no network? CHECK_HF=0 skips those tests)"
+        echo "check.sh: installed torch and transformers into $pyenv in $(( $(date +%s) - t0 )) s"
+    fi
+    export CAPTURE_PYTHON=$pyenv/bin/python
+fi
 autoreconf -fi >/dev/null 2>&1 || { autoreconf -fi; die "autoreconf failed"; }
 rm -rf "$build"; mkdir -p "$build"; cd "$build" || die "cannot create $build"
 # Build with CUDA when nvcc is there (CI has nvcc, no GPU: GPU tests skip).

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "amaxfile.h"
+#include "router.h"
 #include "safetensors.h"
 
 float moecal_amax_scale(moecal_qfmt f, float amax)
@@ -291,6 +292,8 @@ moecal_status moecal_amax_write_h5(MPI_Comm comm, const char *path, const moecal
     attr_str(&w, w.file, "command_line", m->command_line);
     attr_str(&w, w.file, "mode", m->all_experts ? "all_experts" : "topk");
     attr_str(&w, w.file, "sync", m->all_experts ? "none" : "peer_max");
+    attr_str(&w, w.file, "router_logits",
+             m->all_experts ? "none" : moecal_router_logits_name(m->router_logits));
     attr_str(&w, w.file, "quant_format", moecal_qfmt_name(m->qfmt));
     attr_str(&w, w.file, "model_path", m->model_path);
     attr_str(&w, w.file, "model_type", cfg->model_type);
@@ -565,9 +568,10 @@ moecal_status moecal_amax_write_summary(const char *path, const moecal_amax_meta
 
     if (!fp)
         return moecal_error_errno(errno, "%s: cannot create", tmp);
-    fprintf(fp, "# moecal %s quant summary: %s, %s, %s mode%s\n", PACKAGE_VERSION,
+    fprintf(fp, "# moecal %s quant summary: %s, %s, %s mode%s%s\n", PACKAGE_VERSION,
             m->model_path, moecal_qfmt_name(m->qfmt), m->all_experts ? "all-experts" : "top-k",
-            m->all_experts ? "" : " with peer-max input sync");
+            m->all_experts ? "" : " with peer-max input sync, router logits ",
+            m->all_experts ? "" : moecal_router_logits_name(m->router_logits));
     for (int l = 0; l < m->L; l++)
         for (int e = 0; e < m->E; e++) {
             size_t i = ((size_t)l * (size_t)m->E + (size_t)e) * 3;

@@ -3,8 +3,8 @@
  * A backend calibrates one rank's shard of experts [e0, e1) of one MoE layer
  * at a time: load_layer() takes the router weights (all experts) and the
  * rank's expert weights (bf16), then run_chunk() is called for every chunk of
- * tokens.  For each chunk the backend routes every token (float32 logits, the
- * model's router), gathers the tokens routed to each local expert (all tokens
+ * tokens.  For each chunk the backend routes every token (route_math.h's
+ * logits at the router_logits precision, then the model's router), gathers the tokens routed to each local expert (all tokens
  * in all-experts mode), and reports per local expert the number of tokens,
  * amax of the w1/w3 input x, and amax of the w2 input h, computed as the
  * bf16 model does: a = bf16(x W1^T), b = bf16(x W3^T) (float32 accumulation),
@@ -50,6 +50,7 @@ typedef struct moecal_backend_config {
     int e0, e1;              /* local experts [e0, e1); e1 - e0 may be 0 */
     int64_t max_chunk_tokens;
     bool all_experts;        /* --calib-all-experts */
+    int router_logits;       /* --router-logits: moecal_logit_prec (route_math.h) */
     int device;              /* CUDA device ordinal (placement), -1 for CPU */
     uint64_t gpu_mem_limit;  /* bytes, 0 = no limit */
     int threads;             /* CPU threads, 0 = default */

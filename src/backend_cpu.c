@@ -105,7 +105,8 @@ struct moecal_backend {
     float *xf;                   /* [max_tok][H] widened non-skipped rows */
     float *rowmax;               /* [max_tok] max |x| of each row (NaN if any) */
     int32_t *src_row;            /* [max_tok] token of each compact row */
-    float *logits;               /* [max_tok][E] */
+    void *logits;                /* [max_tok][E] float (double when exact) */
+    int prec;                    /* --router-logits (moecal_logit_prec) */
     int32_t *sel;                /* [max_tok][k] */
     int64_t *offs;               /* [nloc + 1] row list offsets */
     int64_t *fill;               /* [nloc] */
@@ -249,6 +250,7 @@ static moecal_status cpu_create(const moecal_backend_config *cfg, moecal_backend
     b->nloc = cfg->e1 - cfg->e0;
     b->max_tok = cfg->max_chunk_tokens;
     b->all_experts = cfg->all_experts;
+    b->prec = cfg->router_logits;
     b->layer = -1;
 #ifdef _OPENMP
     b->nthreads = cfg->threads > 0 ? cfg->threads : default_threads();
@@ -291,7 +293,8 @@ static moecal_status cpu_create(const moecal_backend_config *cfg, moecal_backend
     bool ok = b->gate && b->gate_t && b->bias && b->w13 && b->xf && b->rowmax && b->src_row && b->offs &&
               b->fill && b->items && b->tb;
     if (ok && !b->all_experts) {
-        b->logits = alloc_array(mt_pad, (size_t)b->E * sizeof(float));
+        b->logits = alloc_array(mt_pad, (size_t)b->E *
+                                (b->prec == MOECAL_LOGITS_EXACT ? sizeof(double) : sizeof(float)));
         b->sel = alloc_array(mt, k * sizeof(int32_t));
         b->list = alloc_array(mt, k * sizeof(int32_t));
         ok = b->logits && b->sel && b->list;
@@ -429,12 +432,14 @@ static float activation_amax(const float *ab, int64_t n, size_t NI, int32_t *nan
     return m;
 }
 
-/* One token's logits, route_math.h's moecal_route_logit_f for every expert:
+/* One token's logits, route_math.h's moecal_route_logit_fd for every expert:
  * per block of MOECAL_RM_BLOCK h, acc[e] += x[h] * g[e][h] in ascending h
  * from +0.0 (each product exact in double, so contraction to fma changes
- * nothing), then tot[e] += acc[e]; vectorised over e.  acc holds 2E. */
+ * nothing), then tot[e] += acc[e]; vectorised over e.  acc holds 2E.  out
+ * receives them rounded as prec says (float), or as they are (double, for
+ * MOECAL_LOGITS_EXACT). */
 static void route_logits(const double *gate_t, const float *x, size_t H, size_t E, double *acc,
-                         float *out)
+                         int prec, void *out)
 {
     double *tot = acc + E;
 
@@ -452,8 +457,13 @@ static void route_logits(const double *gate_t, const float *x, size_t H, size_t 
         for (size_t e = 0; e < E; e++)
             tot[e] += acc[e];
     }
-    for (size_t e = 0; e < E; e++)
-        out[e] = (float)tot[e];
+    if (prec == MOECAL_LOGITS_EXACT) {
+        memcpy(out, tot, E * sizeof(double));
+    } else {
+        float *o = out;
+        for (size_t e = 0; e < E; e++)
+            o[e] = moecal_route_round(tot[e], prec);
+    }
 }
 
 static moecal_status cpu_run_chunk(moecal_backend *b, const uint16_t *x, int64_t ntok,
@@ -509,13 +519,20 @@ OMP_PARALLEL_FOR(num_threads(b->nthreads) schedule(dynamic, 1))
         for (int64_t blk = 0; blk < nrb; blk++) {
             int64_t r0 = blk * ROUTE_BLOCK;
             int64_t nr = nvalid - r0 < ROUTE_BLOCK ? nvalid - r0 : ROUTE_BLOCK;
-            float *lg = b->logits + (size_t)r0 * (size_t)E;
+            const size_t esz = b->prec == MOECAL_LOGITS_EXACT ? sizeof(double) : sizeof(float);
+            char *lg = (char *)b->logits + (size_t)r0 * (size_t)E * esz;
             double *acc = b->tb[thread_id()].acc;
             for (int64_t i = 0; i < nr; i++)
                 route_logits(b->gate_t, b->xf + (size_t)(r0 + i) * H, H, (size_t)E, acc,
-                             lg + (size_t)i * (size_t)E);
-            moecal_router_select_scratch(&b->model, lg, bias, nr, b->sel + (size_t)r0 * k,
-                                         NULL, b->tb[thread_id()].router);
+                             b->prec, lg + (size_t)i * (size_t)E * esz);
+            if (b->prec == MOECAL_LOGITS_EXACT)
+                moecal_router_select_scratch_d(&b->model, (const double *)(void *)lg, bias, nr,
+                                               b->sel + (size_t)r0 * k, NULL,
+                                               b->tb[thread_id()].router);
+            else
+                moecal_router_select_scratch(&b->model, (const float *)(void *)lg, bias, nr,
+                                             b->sel + (size_t)r0 * k, NULL,
+                                             b->tb[thread_id()].router);
         }
     }
     t1 = now();

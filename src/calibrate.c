@@ -21,6 +21,7 @@
 #include "calibrate.h"
 #include "model.h"
 #include "prefetch.h"
+#include "router.h"
 #include "runtime.h"
 #include "tokens.h"
 
@@ -150,6 +151,7 @@ typedef struct job {
     int *layers, L;
     int E, H, I, e0, e1, n;
     int64_t T, C, chunk;
+    int prec;                    /* router logit precision (moecal_logit_prec) */
     /* this rank's slab */
     float *amax_cal, *weight_amax, *amax_final, *hist;
     int64_t *tok;
@@ -263,8 +265,9 @@ static uint64_t input_hash(const job *j, const char *act_path)
     h = fnv_file(h, path);
     if (stat(act_path, &st) == 0)
         h = fnv(h, &st.st_size, sizeof st.st_size);
-    snprintf(opts, sizeof opts, "T=%lld chunk=%lld all=%d q=%d nf=%d", (long long)j->T,
-             (long long)j->chunk, (int)p->all_experts, (int)p->qfmt, (int)p->nonfinite);
+    snprintf(opts, sizeof opts, "T=%lld chunk=%lld all=%d q=%d nf=%d rl=%d", (long long)j->T,
+             (long long)j->chunk, (int)p->all_experts, (int)p->qfmt, (int)p->nonfinite,
+             j->prec);
     h = fnv(h, opts, strlen(opts));
     h = fnv(h, j->layers, (size_t)j->L * sizeof *j->layers);
     return h;
@@ -547,6 +550,7 @@ moecal_status moecal_calibrate_run(const moecal_comm *c, const moecal_calib_para
     s = moecal_model_open(p->model_dir, &j.model);
     moecal_check_all(s);
     j.cfg = moecal_model_cfg(j.model);
+    j.prec = p->router_logits >= 0 ? p->router_logits : moecal_router_logits_default(j.cfg);
     s = moecal_calib_parse_layers(p->layers, j.cfg->moe_layers, j.cfg->n_moe_layers, &j.layers,
                                   &j.L);
     if (s != MOECAL_OK)
@@ -603,6 +607,7 @@ moecal_status moecal_calibrate_run(const moecal_comm *c, const moecal_calib_para
     m.created = created;
     m.command_line = p->command_line;
     m.all_experts = p->all_experts;
+    m.router_logits = j.prec;
     m.qfmt = p->qfmt;
     m.model_path = p->model_dir;
     m.activations_path = act_path;
@@ -677,6 +682,7 @@ moecal_status moecal_calibrate_run(const moecal_comm *c, const moecal_calib_para
     bc.e1 = j.e1;
     bc.max_chunk_tokens = j.chunk;
     bc.all_experts = p->all_experts;
+    bc.router_logits = j.prec;
     bc.device = p->gpu;
     bc.gpu_mem_limit = p->gpu_mem_limit;
     bc.threads = p->threads;
@@ -684,9 +690,11 @@ moecal_status moecal_calibrate_run(const moecal_comm *c, const moecal_calib_para
     s = ops->create(&bc, &be);
     moecal_check_all(s);
     moecal_log(MOECAL_LOG_INFO, "# backend %s, %d MoE layers x %d experts (%d-%d per rank), "
-               "%lld tokens in %lld chunks of %lld, mode %s", ops->name, j.L, j.E, j.E / c->size,
-               (j.E + c->size - 1) / c->size, (long long)j.T, (long long)j.C, (long long)j.chunk,
-               p->all_experts ? "all-experts" : "top-k + peer-max sync");
+               "%lld tokens in %lld chunks of %lld, mode %s%s%s", ops->name, j.L, j.E,
+               j.E / c->size, (j.E + c->size - 1) / c->size, (long long)j.T, (long long)j.C,
+               (long long)j.chunk, p->all_experts ? "all-experts" : "top-k + peer-max sync",
+               p->all_experts ? "" : ", router logits ",
+               p->all_experts ? "" : moecal_router_logits_name(j.prec));
 
     /* Chunks overlap when the backend can take one ahead: then the token
      * window holds three chunks (the one computing, the next, the one read). */

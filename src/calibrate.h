@@ -22,6 +22,7 @@ typedef struct moecal_calib_params {
     moecal_qfmt qfmt;
     const char *backend;     /* cpu | cuda | auto */
     moecal_nonfinite nonfinite;
+    int router_logits;       /* moecal_logit_prec, or -1 for the family's default */
     int threads;
     uint64_t gpu_mem_limit;
     int gpu;                 /* device of this rank from the placement, -1 none */

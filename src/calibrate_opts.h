@@ -25,6 +25,9 @@ static const moecal_optdef moecal_calibrate_optdefs[] = {
      "scale format of the outputs", 0, 0, 0},
     {"backend", 'b', MOECAL_OPT_CHOICE, "auto", "cpu|cuda|auto", "NAME",
      "compute backend (auto: cuda when a GPU is present)", 0, 0, 0},
+    {"router-logits", 0, MOECAL_OPT_CHOICE, "auto", "auto|bf16|fp32|exact", "PREC",
+     "router logit precision (auto: the family's, bf16 for Qwen-MoE and Mixtral, fp32 for "
+     "DeepSeek)", 0, 0, 0},
     {"nonfinite", 0, MOECAL_OPT_CHOICE, "error", "error|skip", "POLICY",
      "what to do with activation rows holding NaN/Inf", 0, 0, 0},
     {"threads", 't', MOECAL_OPT_INT, "0", NULL, "N",

@@ -363,8 +363,9 @@ static void cmp_print_table(const cmp_row *rows, int n)
 
 static void describe(const char *tag, const moecal_amax_data *d)
 {
-    printf("#   %s: %s (mode %s, sync %s%s%s%s%s)\n", tag, d->path, d->mode,
-           d->sync[0] ? d->sync : "?", d->quant_format[0] ? ", " : "", d->quant_format,
+    printf("#   %s: %s (mode %s, sync %s%s%s%s%s%s%s)\n", tag, d->path, d->mode,
+           d->sync[0] ? d->sync : "?", d->router_logits[0] ? ", router logits " : "",
+           d->router_logits, d->quant_format[0] ? ", " : "", d->quant_format,
            d->created[0] ? ", created " : "", d->created);
 }
 
@@ -422,6 +423,8 @@ static moecal_status compare_run(moecal_opts *o)
             jset(fo[i], "path", json_string(fs[i]->path), &ok);
             jset(fo[i], "mode", json_string(fs[i]->mode), &ok);
             jset(fo[i], "sync", json_string(fs[i]->sync), &ok);
+            jset(fo[i], "router_logits", fs[i]->router_logits[0] ?
+                 json_string(fs[i]->router_logits) : json_null(), &ok);
             jset(fo[i], "quant_format", json_string(fs[i]->quant_format), &ok);
             jset(fo[i], "created", json_string(fs[i]->created), &ok);
         }
@@ -769,6 +772,8 @@ static moecal_status report_run(moecal_opts *o, const report_cfg *rc)
             jset(root, "model_type", json_string(d->model_type), &ok);
             jset(root, "mode", json_string(d->mode), &ok);
             jset(root, "sync", json_string(d->sync), &ok);
+            jset(root, "router_logits", d->router_logits[0] ?
+                 json_string(d->router_logits) : json_null(), &ok);
             jset(root, "quant_format", json_string(d->quant_format), &ok);
             jset(root, "hidden_size", json_integer(d->hidden_size), &ok);
             jset(root, "n_routed_experts", json_integer(E), &ok);
@@ -915,7 +920,8 @@ static moecal_status report_run(moecal_opts *o, const report_cfg *rc)
         printf("# model %s, hidden %lld, %d experts", d->model_type, (long long)d->hidden_size, E);
         if (d->num_experts_per_tok >= 0)
             printf(", top-%lld", (long long)d->num_experts_per_tok);
-        printf("; mode %s, sync %s%s%s\n", d->mode, d->sync[0] ? d->sync : "?",
+        printf("; mode %s, sync %s%s%s%s%s\n", d->mode, d->sync[0] ? d->sync : "?",
+               d->router_logits[0] ? ", router logits " : "", d->router_logits,
                d->quant_format[0] ? ", " : "", d->quant_format);
         printf("# %d MoE layer%s (%s), %d chunk%s", L, L == 1 ? "" : "s", ls, C,
                C == 1 ? "" : "s");

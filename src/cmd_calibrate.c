@@ -11,6 +11,7 @@
 #include "calibrate_opts.h"
 #include "commands.h"
 #include "placement.h"
+#include "router.h"
 #include "runtime.h"
 #include "synth.h"
 
@@ -77,6 +78,38 @@ static moecal_status demo_model(const moecal_opts *o, const char *output, char *
     return s;
 }
 
+/* --print-config: what --router-logits will be for this job.  "auto" is
+ * resolved from --model's config.json when it can be read (the demo model
+ * is DeepSeek-V3). */
+static void print_router_logits(const moecal_opts *o, FILE *fp)
+{
+    const char *v = moecal_opts_str(o, "router-logits");
+    const char *dir = moecal_opts_str(o, "model");
+    moecal_model_config cfg;
+    char path[4200];
+
+    if (moecal_opts_flag(o, "calib-all-experts")) {
+        fprintf(fp, "# router logits: none (--calib-all-experts does not route)\n");
+        return;
+    }
+    if (moecal_router_logits_parse(v) >= 0) {
+        fprintf(fp, "# router logits: %s (as given)\n", v);
+        return;
+    }
+    if (dir == NULL) {
+        fprintf(fp, "# router logits: fp32 (auto, the demo model is DeepSeek-V3)\n");
+        return;
+    }
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    if (moecal_model_config_load(path, &cfg) != MOECAL_OK) {
+        fprintf(fp, "# router logits: auto, not resolved: %s\n", moecal_error_message());
+        return;
+    }
+    fprintf(fp, "# router logits: %s (auto, the default of model_type '%s' in %s)\n",
+            moecal_router_logits_name(moecal_router_logits_default(&cfg)), cfg.model_type, path);
+    moecal_model_config_free(&cfg);
+}
+
 int moecal_cmd_calibrate(int argc, char **argv)
 {
     moecal_opts *o = NULL;
@@ -99,8 +132,10 @@ int moecal_cmd_calibrate(int argc, char **argv)
         return 0;
     }
     if (moecal_opts_print_config(o)) {
-        if (moecal_world_rank() == 0)
+        if (moecal_world_rank() == 0) {
             moecal_opts_dump(o, stdout);
+            print_router_logits(o, stdout);
+        }
         moecal_opts_free(o);
         return 0;
     }
@@ -154,6 +189,7 @@ int moecal_cmd_calibrate(int argc, char **argv)
     qf = moecal_opts_str(o, "quant-format");
     p.qfmt = strcmp(qf, "fp8") == 0 ? MOECAL_QFMT_FP8 : MOECAL_QFMT_NVFP4;
     p.backend = moecal_opts_str(o, "backend");
+    p.router_logits = moecal_router_logits_parse(moecal_opts_str(o, "router-logits"));
     nf = moecal_opts_str(o, "nonfinite");
     p.nonfinite = strcmp(nf, "skip") == 0 ? MOECAL_NONFINITE_SKIP : MOECAL_NONFINITE_ERROR;
     p.threads = (int)moecal_opts_int(o, "threads");

@@ -106,6 +106,36 @@ static moecal_status get_int(const ctx *c, const char *key, int required, int de
     return MOECAL_OK;
 }
 
+/* A required integer that config.json may spell two ways (transformers'
+ * attribute_map aliases, e.g. Qwen3-MoE's num_experts, written as
+ * num_local_experts since transformers 5).  Either key works; both are
+ * accepted when equal.  *used names the key read, for later messages. */
+static moecal_status get_int_alias(const ctx *c, const char *key, const char *alias, int lo,
+                                   int hi, int *out, const char **used)
+{
+    const json_t *a = get(c, key), *b = get(c, alias);
+
+    if (a == NULL && b == NULL)
+        return moecal_error_set(MOECAL_ERR_FORMAT,
+                                "%s: missing key '%s%s' (or its alias '%s%s'; needed for "
+                                "model_type '%s')", c->label, c->prefix, key, c->prefix, alias,
+                                c->model_type);
+    if (a != NULL && b != NULL) {
+        int x, y;
+        MOECAL_TRY(get_int(c, key, 1, 0, lo, hi, NULL, &x));
+        MOECAL_TRY(get_int(c, alias, 1, 0, lo, hi, NULL, &y));
+        if (x != y)
+            return moecal_error_set(MOECAL_ERR_FORMAT,
+                                    "%s: '%s%s' is %d but its alias '%s%s' is %d", c->label,
+                                    c->prefix, key, x, c->prefix, alias, y);
+        *out = x;
+        *used = key;
+        return MOECAL_OK;
+    }
+    *used = a != NULL ? key : alias;
+    return get_int(c, *used, 1, 0, lo, hi, NULL, out);
+}
+
 static moecal_status get_bool(const ctx *c, const char *key, bool def, bool *out)
 {
     const json_t *v = get(c, key);
@@ -158,15 +188,17 @@ static void safe_copy(char *dst, size_t n, const char *src)
 static moecal_status parse_deepseek(const ctx *c, moecal_model_config *cfg)
 {
     bool v2 = strcmp(c->model_type, "deepseek_v2") == 0;
-    const char *method, *scoring;
+    const char *method, *scoring, *ekey;
     int E, G = 1, TG = 1;
 
     MOECAL_TRY(get_int(c, "moe_intermediate_size", 1, 0, 1, MAX_INTER, NULL,
                        &cfg->moe_intermediate_size));
-    MOECAL_TRY(get_int(c, "n_routed_experts", 1, 0, 1, MAX_EXPERTS, NULL,
-                       &cfg->n_routed_experts));
+    /* transformers' attribute_map: DeepseekV3Config num_local_experts,
+     * DeepseekV2Config num_experts */
+    MOECAL_TRY(get_int_alias(c, "n_routed_experts", v2 ? "num_experts" : "num_local_experts", 1,
+                             MAX_EXPERTS, &cfg->n_routed_experts, &ekey));
     E = cfg->n_routed_experts;
-    MOECAL_TRY(get_int(c, "num_experts_per_tok", 1, 0, 1, E, "n_routed_experts",
+    MOECAL_TRY(get_int(c, "num_experts_per_tok", 1, 0, 1, E, ekey,
                        &cfg->num_experts_per_tok));
     /* transformers' defaults: DeepseekV2Config greedy/softmax, V3 noaux_tc/sigmoid */
     MOECAL_TRY(get_str(c, "topk_method", v2 ? "greedy" : "noaux_tc", &method));
@@ -254,12 +286,20 @@ static moecal_status parse_deepseek(const ctx *c, moecal_model_config *cfg)
 static moecal_status parse_qwen(const ctx *c, moecal_model_config *cfg, bool **mlp_only)
 {
     const json_t *v;
+    const char *ekey = "num_experts";
     int L = cfg->num_hidden_layers;
 
     MOECAL_TRY(get_int(c, "moe_intermediate_size", 1, 0, 1, MAX_INTER, NULL,
                        &cfg->moe_intermediate_size));
-    MOECAL_TRY(get_int(c, "num_experts", 1, 0, 1, MAX_EXPERTS, NULL, &cfg->n_routed_experts));
-    MOECAL_TRY(get_int(c, "num_experts_per_tok", 1, 0, 1, cfg->n_routed_experts, "num_experts",
+    /* Qwen3MoeConfig maps num_experts to num_local_experts, which is what
+     * transformers 5 writes; Qwen2MoeConfig knows num_experts only */
+    if (strcmp(c->model_type, "qwen3_moe") == 0)
+        MOECAL_TRY(get_int_alias(c, "num_local_experts", "num_experts", 1, MAX_EXPERTS,
+                                 &cfg->n_routed_experts, &ekey));
+    else
+        MOECAL_TRY(get_int(c, "num_experts", 1, 0, 1, MAX_EXPERTS, NULL,
+                           &cfg->n_routed_experts));
+    MOECAL_TRY(get_int(c, "num_experts_per_tok", 1, 0, 1, cfg->n_routed_experts, ekey,
                        &cfg->num_experts_per_tok));
     MOECAL_TRY(get_int(c, "decoder_sparse_step", 0, 1, 1, MAX_LAYERS, NULL,
                        &cfg->decoder_sparse_step));
@@ -295,12 +335,15 @@ static moecal_status parse_qwen(const ctx *c, moecal_model_config *cfg, bool **m
 
 static moecal_status parse_mixtral(const ctx *c, moecal_model_config *cfg)
 {
+    const char *ekey;
+
     MOECAL_TRY(get_int(c, "intermediate_size", 1, 0, 1, MAX_INTER, NULL,
                        &cfg->moe_intermediate_size));
-    MOECAL_TRY(get_int(c, "num_local_experts", 1, 0, 1, MAX_EXPERTS, NULL,
-                       &cfg->n_routed_experts));
-    MOECAL_TRY(get_int(c, "num_experts_per_tok", 1, 0, 1, cfg->n_routed_experts,
-                       "num_local_experts", &cfg->num_experts_per_tok));
+    /* MixtralConfig maps num_experts to num_local_experts */
+    MOECAL_TRY(get_int_alias(c, "num_local_experts", "num_experts", 1, MAX_EXPERTS,
+                             &cfg->n_routed_experts, &ekey));
+    MOECAL_TRY(get_int(c, "num_experts_per_tok", 1, 0, 1, cfg->n_routed_experts, ekey,
+                       &cfg->num_experts_per_tok));
     cfg->scoring = MOECAL_SCORING_SOFTMAX;
     cfg->norm_topk_prob = true; /* Mixtral renormalizes its top-k softmax weights */
     return MOECAL_OK;

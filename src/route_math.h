@@ -31,6 +31,19 @@
  * exp(l - max) / sum in ascending order, + bias, group top-2 sums, top-k
  * comparisons) is single float32 operations, which IEEE-754 fixes exactly,
  * as long as nothing is compiled with -ffast-math / -use_fast_math.
+ *
+ * The logit precision (--router-logits) says how the double sum becomes the
+ * value the score function sees, one rounding in every case:
+ *
+ *   fp32   (float) sum: what a float32 linear layer computes, up to its own
+ *          summation error (transformers' DeepseekV3, the dsv3 router GEMMs);
+ *   bf16   sum rounded once to bf16, round to nearest even (a bf16 linear
+ *          layer: transformers' Qwen3-MoE and Mixtral, most serving
+ *          engines).  Rounding the float32 value again would round twice
+ *          and differ where the float lands on a bf16 midpoint;
+ *   exact  not rounded: the score function, the bias, the group sums and
+ *          the comparisons run in double (moecal_route_exp), a reference
+ *          that no deployed model computes but that depends on no dtype.
  */
 #ifndef MOECAL_ROUTE_MATH_H
 #define MOECAL_ROUTE_MATH_H
@@ -74,8 +87,8 @@ MOECAL_RM_FN float moecal_route_logit(const uint16_t *x, const float *g, size_t 
 }
 
 /* The same from x already widened to float (exact: x holds bf16 values), as
- * the CPU backend keeps its rows. */
-MOECAL_RM_FN float moecal_route_logit_f(const float *x, const float *g, size_t H)
+ * the CPU backend keeps its rows; the double sum before any rounding. */
+MOECAL_RM_FN double moecal_route_logit_fd(const float *x, const float *g, size_t H)
 {
     double tot = 0.0;
     for (size_t h0 = 0; h0 < H; h0 += MOECAL_RM_BLOCK) {
@@ -85,7 +98,53 @@ MOECAL_RM_FN float moecal_route_logit_f(const float *x, const float *g, size_t H
             acc = fma((double)x[h], (double)g[h], acc);
         tot += acc;
     }
-    return (float)tot;
+    return tot;
+}
+
+MOECAL_RM_FN float moecal_route_logit_f(const float *x, const float *g, size_t H)
+{
+    return (float)moecal_route_logit_fd(x, g, H);
+}
+
+/* Logit precisions (--router-logits); the values are stored in files. */
+typedef enum moecal_logit_prec {
+    MOECAL_LOGITS_FP32 = 0,
+    MOECAL_LOGITS_BF16 = 1,
+    MOECAL_LOGITS_EXACT = 2
+} moecal_logit_prec;
+
+/* v rounded once to bf16 (8 significant bits, float32's exponent range,
+ * subnormals down to 2^-133), round to nearest even, returned as the float
+ * that holds it exactly.  NaN stays NaN, overflow gives +-inf. */
+MOECAL_RM_FN float moecal_rm_round_bf16(double v)
+{
+    if (!(fabs(v) >= 0x1p-126)) {
+        /* NaN, zero, or below bf16's normal range: multiples of 2^-133
+         * (scaling by powers of 2 is exact; rint rounds half to even) */
+        if (v != v)
+            return (float)v;
+        return (float)(rint(v * 0x1p133) * 0x1p-133);
+    }
+    if (fabs(v) >= 0x1.ffp127) /* from the midpoint above bf16's largest, and inf */
+        return v > 0 ? (float)INFINITY : -(float)INFINITY;
+    /* keep the sign, the exponent and 7 of the 52 stored fraction bits */
+    const uint64_t drop = ((uint64_t)1 << 45) - 1;
+#if defined(__CUDA_ARCH__)
+    uint64_t u = (uint64_t)__double_as_longlong(v);
+    u = (u + (drop >> 1) + ((u >> 45) & 1)) & ~drop;
+    return (float)__longlong_as_double((long long)u); /* exact */
+#else
+    union { double d; uint64_t u; } b;
+    b.d = v;
+    b.u = (b.u + (drop >> 1) + ((b.u >> 45) & 1)) & ~drop;
+    return (float)b.d; /* exact */
+#endif
+}
+
+/* The logit as --router-logits fp32 or bf16 makes it. */
+MOECAL_RM_FN float moecal_route_round(double v, int prec)
+{
+    return prec == MOECAL_LOGITS_BF16 ? moecal_rm_round_bf16(v) : (float)v;
 }
 
 /* exp(x) for float x, identical on every IEEE-754 machine.
@@ -123,6 +182,43 @@ MOECAL_RM_FN float moecal_route_expf(float x)
     p = fma(p, r, 1.0);
     p = fma(p, r, 1.0);
     return (float)ldexp(p, (int)kd);
+}
+
+/* exp(x) in double for the exact precision, identical on every IEEE-754
+ * machine: the same reduction and polynomial as moecal_route_expf, not
+ * rounded to float.  Relative error about 1e-16 (1e-15 near the ends of
+ * the range, from the reduction). */
+MOECAL_RM_FN double moecal_route_exp(double x)
+{
+    if (x != x)
+        return x;
+    if (x > 709.0)
+        return (double)INFINITY;
+    if (x < -745.0)
+        return 0.0;
+    const double inv_ln2 = 0x1.71547652b82fep+0;
+    const double ln2_hi = 0x1.62e42fefa39efp-1;
+    const double ln2_lo = 0x1.abc9e3b39803fp-56;
+    double kd = rint(x * inv_ln2);
+    double r = fma(-kd, ln2_hi, x);
+    r = fma(-kd, ln2_lo, r);
+    double p = 1.6059043836821614599e-10;
+    p = fma(p, r, 2.0876756987868098979e-09);
+    p = fma(p, r, 2.5052108385441718775e-08);
+    p = fma(p, r, 2.7557319223985890653e-07);
+    p = fma(p, r, 2.7557319223985890653e-06);
+    p = fma(p, r, 2.4801587301587301566e-05);
+    p = fma(p, r, 1.9841269841269841253e-04);
+    p = fma(p, r, 1.3888888888888888889e-03);
+    p = fma(p, r, 8.3333333333333333333e-03);
+    p = fma(p, r, 4.1666666666666666667e-02);
+    p = fma(p, r, 1.6666666666666666667e-01);
+    p = fma(p, r, 0.5);
+    p = fma(p, r, 1.0);
+    p = fma(p, r, 1.0);
+    /* two steps: 2^kd alone may not be a double near the ends of the range */
+    int k = (int)kd, k1 = k / 2;
+    return ldexp(ldexp(p, k1), k - k1);
 }
 
 #endif

@@ -107,8 +107,7 @@ def cmd_build(args):
     need_torch()
     import torch
     import transformers
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     rng = np.random.default_rng(7)
     torch.manual_seed(7)
@@ -134,14 +133,28 @@ def cmd_build(args):
     if per_expert_checkpoint(args.model_dir, cfg.n_routed_experts, cfg.moe_intermediate_size):
         print("capture_hf: rewrote fused experts as per-expert tensors")
 
-    vocab_words = words(rng, CONFIG["vocab_size"] - 4)
+    n_words = write_tokenizer_and_text(args.model_dir, args.text, CONFIG["vocab_size"], rng)
+    print(f"capture_hf: built {args.model_dir} (torch {torch.__version__}, transformers "
+          f"{transformers.__version__}) and {args.text} ({n_words} words)")
+    return 0
+
+
+def write_tokenizer_and_text(model_dir, text, vocab_size, rng=None):
+    """A word-level tokenizer of vocab_size tokens saved in model_dir, and
+    random Zipf-like text over its words in text; returns the word count."""
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    if rng is None:
+        rng = np.random.default_rng(7)
+    vocab_words = words(rng, vocab_size - 4)
     vocab = {"[PAD]": 0, "[BOS]": 1, "[EOS]": 2, "[UNK]": 3}
     vocab.update({w: i + 4 for i, w in enumerate(vocab_words)})
     tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="[BOS]", eos_token="[EOS]",
                                    unk_token="[UNK]", pad_token="[PAD]")
-    fast.save_pretrained(args.model_dir)
+    fast.save_pretrained(model_dir)
 
     # Random text: Zipf-like word choice, documents separated by blank lines.
     p = 1.0 / np.arange(1, len(vocab_words) + 1)
@@ -150,12 +163,9 @@ def cmd_build(args):
     for _ in range(80):
         n = int(rng.integers(60, 240))
         docs.append(" ".join(rng.choice(vocab_words, size=n, p=p)))
-    with open(args.text, "w", encoding="utf-8") as fp:
+    with open(text, "w", encoding="utf-8") as fp:
         fp.write("\n\n".join(docs) + "\n")
-    print(f"capture_hf: built {args.model_dir} (torch {torch.__version__}, transformers "
-          f"{transformers.__version__}) and {args.text} ({sum(len(d.split()) for d in docs)} "
-          "words)")
-    return 0
+    return sum(len(d.split()) for d in docs)
 
 
 # ---------------------------------------------------------------- reference

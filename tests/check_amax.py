@@ -133,13 +133,16 @@ def cmd_schema(a_path):
     with h5py.File(a_path, "r") as f:
         at = f.attrs
         for k in ("format", "format_version", "moecal_version", "created", "command_line",
-                  "mode", "sync", "quant_format", "model_path", "model_type",
+                  "mode", "sync", "router_logits", "quant_format", "model_path", "model_type",
                   "activations_path", "n_ranks", "n_nodes", "placement", "hidden_size",
                   "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group"):
             if k not in at:
                 die(f"root attribute {k} missing")
         if text(at["format"]) != "moecal-amax" or int(at["format_version"]) != 1:
             die("wrong format attributes")
+        want_rl = ("none",) if text(at["mode"]) == "all_experts" else ("bf16", "fp32", "exact")
+        if text(at["router_logits"]) not in want_rl:
+            die(f"router_logits is {text(at['router_logits'])!r} in mode {text(at['mode'])}")
         L = f["layers"].shape[0]
         E = int(at["n_routed_experts"])
         C = f["chunk_token_start"].shape[0]

@@ -55,6 +55,7 @@ typedef struct problem {
     uint8_t *skip;    /* [ntok] */
     int cold, one, hot;  /* global expert ids, -1 if none */
     int one_token;
+    int prec;         /* --router-logits (moecal_logit_prec); 0 = fp32 */
 } problem;
 
 typedef struct result {
@@ -179,6 +180,7 @@ static void reference(const problem *p, bool all, result *r)
     int E = c->n_routed_experts, H = c->hidden_size, I = c->moe_intermediate_size;
     int k = c->num_experts_per_tok, nloc = p->e1 - p->e0;
     float *lg = xcalloc((size_t)E, sizeof(float));
+    double *ld = xcalloc((size_t)E, sizeof(double));
     int32_t *sel = xcalloc((size_t)E, sizeof(int32_t));
     float *xf = xcalloc((size_t)H, sizeof(float));
 
@@ -201,9 +203,14 @@ static void reference(const problem *p, bool all, result *r)
             for (int e = 0; e < E; e++)
                 sel[e] = e;
         } else {
-            for (int e = 0; e < E; e++)
-                lg[e] = moecal_route_logit_f(xf, p->gate + (size_t)e * H, (size_t)H);
-            assert_int_equal(moecal_router_select(c, lg, p->bias, 1, sel, NULL), MOECAL_OK);
+            for (int e = 0; e < E; e++) {
+                ld[e] = moecal_route_logit_fd(xf, p->gate + (size_t)e * H, (size_t)H);
+                lg[e] = moecal_route_round(ld[e], p->prec);
+            }
+            if (p->prec == MOECAL_LOGITS_EXACT)
+                assert_int_equal(moecal_router_select_d(c, ld, p->bias, 1, sel, NULL), MOECAL_OK);
+            else
+                assert_int_equal(moecal_router_select(c, lg, p->bias, 1, sel, NULL), MOECAL_OK);
             nsel = k;
         }
         for (int i = 0; i < nsel; i++) {
@@ -227,6 +234,7 @@ static void reference(const problem *p, bool all, result *r)
         }
     }
     free(lg);
+    free(ld);
     free(sel);
     free(xf);
 }
@@ -243,6 +251,7 @@ static moecal_backend *make_backend(const problem *p, bool all, int threads, int
     bc.e1 = p->e1;
     bc.max_chunk_tokens = maxtok;
     bc.all_experts = all;
+    bc.router_logits = p->prec;
     bc.device = -1;
     bc.threads = threads;
     assert_int_equal(moecal_backend_cpu.create(&bc, &b), MOECAL_OK);
@@ -394,6 +403,41 @@ static void test_cancellation_routing(void **state)
     }
     check_problem(&p, false);
     problem_free(&p);
+}
+
+/* Every --router-logits precision against the reference at that precision;
+ * bf16 must route some tokens differently from fp32 (else the option would
+ * be untested), and equal router rows (exact ties at every precision) go to
+ * the lower expert. */
+static void test_logit_precisions(void **state)
+{
+    (void)state;
+    for (int fam = 0; fam < 2; fam++) {
+        result r[3];
+        problem p;
+        for (int prec = 0; prec < 3; prec++) {
+            if (fam == 0)
+                problem_make(&p, MOECAL_SCORING_SOFTMAX, 16, 1, 1, 4, 70, 12, 0, 16, 900, 21);
+            else
+                problem_make(&p, MOECAL_SCORING_SIGMOID, 16, 4, 2, 4, 70, 12, 0, 16, 4000, 21);
+            p.cold = p.one = -1;
+            p.prec = prec;
+            /* experts 3 and 9 share a router row */
+            memcpy(p.gate + 9 * 70, p.gate + 3 * 70, 70 * sizeof(float));
+            check_problem(&p, false);
+            r[prec] = result_new(16);
+            run(&p, false, 2, 300, &r[prec]);
+            assert_true(r[prec].tokens[9] <= r[prec].tokens[3]);
+            problem_free(&p);
+        }
+        bool differ = false;
+        for (int e = 0; e < 16; e++)
+            differ |= r[MOECAL_LOGITS_BF16].tokens[e] != r[MOECAL_LOGITS_FP32].tokens[e];
+        if (!differ)
+            fail_msg("family %d: bf16 logits routed every token as fp32 logits did", fam);
+        for (int prec = 0; prec < 3; prec++)
+            result_free(&r[prec]);
+    }
 }
 
 static void test_softmax_k1_and_kE(void **state)
@@ -563,6 +607,7 @@ int main(void)
         cmocka_unit_test(test_hot_expert_spans_blocks),
         cmocka_unit_test(test_cancellation_routing),
         cmocka_unit_test(test_softmax_k1_and_kE),
+        cmocka_unit_test(test_logit_precisions),
         cmocka_unit_test(test_skip_rows),
         cmocka_unit_test(test_all_experts),
         cmocka_unit_test(test_empty_range_and_chunk),

@@ -67,6 +67,7 @@ typedef struct problem {
     uint16_t *w1, *w3, *x;
     uint8_t *skip;
     int cold, one, one_token;
+    int prec;         /* --router-logits (moecal_logit_prec); 0 = fp32 */
 } problem;
 
 typedef struct result {
@@ -182,6 +183,7 @@ static moecal_backend *make_backend(const moecal_backend_ops *ops, const problem
     bc.e1 = p->e1;
     bc.max_chunk_tokens = maxtok;
     bc.all_experts = all;
+    bc.router_logits = p->prec;
     bc.device = ops == &moecal_backend_cuda ? 0 : -1;
     bc.threads = 2;
     if (ops->create(&bc, &b) != MOECAL_OK)
@@ -270,7 +272,9 @@ static void reference_tokens(const problem *p, bool all, int64_t *tokens)
     int E = c->n_routed_experts, H = c->hidden_size, k = c->num_experts_per_tok;
     int nloc = p->e1 - p->e0;
     float *lg = xcalloc((size_t)E, sizeof(float));
+    double *ld = xcalloc((size_t)E, sizeof(double));
     int32_t *sel = xcalloc((size_t)k, sizeof(int32_t));
+    float *xf = xcalloc((size_t)H, sizeof(float));
 
     memset(tokens, 0, (size_t)nloc * sizeof(int64_t));
     for (int t = 0; t < p->ntok; t++) {
@@ -281,16 +285,25 @@ static void reference_tokens(const problem *p, bool all, int64_t *tokens)
                 tokens[e]++;
             continue;
         }
-        for (int e = 0; e < E; e++)
-            lg[e] = moecal_route_logit(p->x + (size_t)t * H, p->gate + (size_t)e * H, (size_t)H);
-        assert_int_equal(moecal_router_select(c, lg, p->bias, 1, sel, NULL), MOECAL_OK);
+        for (int h = 0; h < H; h++)
+            xf[h] = moecal_rm_bf16(p->x[(size_t)t * H + h]);
+        for (int e = 0; e < E; e++) {
+            ld[e] = moecal_route_logit_fd(xf, p->gate + (size_t)e * H, (size_t)H);
+            lg[e] = moecal_route_round(ld[e], p->prec);
+        }
+        if (p->prec == MOECAL_LOGITS_EXACT)
+            assert_int_equal(moecal_router_select_d(c, ld, p->bias, 1, sel, NULL), MOECAL_OK);
+        else
+            assert_int_equal(moecal_router_select(c, lg, p->bias, 1, sel, NULL), MOECAL_OK);
         for (int i = 0; i < k; i++) {
             if (sel[i] >= p->e0 && sel[i] < p->e1)
                 tokens[sel[i] - p->e0]++;
         }
     }
     free(lg);
+    free(ld);
     free(sel);
+    free(xf);
 }
 
 static void compare(const problem *p, bool all, const result *gpu, const result *cpu)
@@ -712,6 +725,7 @@ static void fp8_case(int H, int I, int block, uint64_t seed)
     bc.e0 = p.e0;
     bc.e1 = p.e1;
     bc.max_chunk_tokens = p.ntok;
+    bc.router_logits = p.prec;
     bc.device = 0;
     assert_true(moecal_backend_cuda.fp8_weights);
     assert_int_equal(moecal_backend_cuda.create(&bc, &b), MOECAL_OK);
@@ -760,11 +774,12 @@ static void test_fp8_weights(void **state)
  * weighs equally) and one logit exactly on a float rounding midpoint
  * (1 + 2^-24) force that path; the result must equal the CPU backend's and
  * the exact kernel's (MOECAL_CUDA_ROUTER=exact) bit for bit. */
-static void dgemm_router_case(int HH, unsigned seed)
+static void dgemm_router_case(int HH, unsigned seed, int prec)
 {
     problem p;
     problem_make(&p, MOECAL_SCORING_SIGMOID, 16, 4, 2, 4, HH, 8, 0, 16, 2000, seed);
     p.cold = p.one = -1;
+    p.prec = prec;
     for (int e = 0; e < 16; e++) {
         p.gate[(size_t)e * HH] = (float)(0.1 * nrand());
         p.gate[(size_t)e * HH + 1] = (float)(0.1 * nrand());
@@ -779,6 +794,17 @@ static void dgemm_router_case(int HH, unsigned seed)
     p.x[7 * HH] = p.x[7 * HH + 1] = moecal_float_to_bf16(1.0f);
     p.gate[3 * HH] = 1.0f;
     p.gate[3 * HH + 1] = ldexpf(1.0f, -24);
+    /* token 8, expert 5: exactly on the bf16 midpoint 1 + 2^-8; token 9,
+     * expert 6: 2^-30 above it, where float32 rounds to the midpoint (a
+     * second rounding to bf16 would then go down, the single rounding up) */
+    memset(p.x + 8 * HH, 0, HH * sizeof(uint16_t));
+    p.x[8 * HH + 2] = p.x[8 * HH + 3] = moecal_float_to_bf16(1.0f);
+    p.gate[5 * HH + 2] = 1.0f;
+    p.gate[5 * HH + 3] = ldexpf(1.0f, -8);
+    memset(p.x + 9 * HH, 0, HH * sizeof(uint16_t));
+    p.x[9 * HH + 2] = p.x[9 * HH + 3] = moecal_float_to_bf16(1.0f);
+    p.gate[6 * HH + 2] = 1.0f;
+    p.gate[6 * HH + 3] = ldexpf(1.0f, -8) + ldexpf(1.0f, -30);
     setenv("MOECAL_CUDA_ROUTER", "exact", 1);
     check_problem(&p, false, 333, 0);      /* the FP64 kernel */
     setenv("MOECAL_CUDA_ROUTER", "dgemm", 1);
@@ -797,8 +823,8 @@ static void dgemm_router_case(int HH, unsigned seed)
         moecal_backend_cuda.destroy(b);
         unsetenv("MOECAL_CUDA_ROUTER");
     }
-    print_message("DGEMM router: %llu of %d logits recomputed exactly\n", fixes[0],
-                  p.ntok * 16);
+    print_message("DGEMM router (%s logits, H %d): %llu of %d logits recomputed exactly\n",
+                  moecal_router_logits_name(prec), HH, fixes[0], p.ntok * 16);
     assert_true(fixes[0] >= 1);
     assert_true(fixes[1] == 0);
     assert_memory_equal(r[0].tokens, r[1].tokens, nloc * sizeof(int64_t));
@@ -813,10 +839,37 @@ static void test_dgemm_router_exactness(void **state)
     (void)state;
     /* three blocks of route_math.h's sum, the last partial: H % 8 != 0 (the
      * scalar recomputation) and H % 8 == 0 (16-byte loads) */
-    dgemm_router_case(1100, 41);
-    dgemm_router_case(1104, 42);
-    /* 34 blocks: more than the 32 lanes that share one recomputed logit */
-    dgemm_router_case(33 * MOECAL_RM_BLOCK + 520, 43);
+    for (int prec = MOECAL_LOGITS_FP32; prec <= MOECAL_LOGITS_BF16; prec++) {
+        dgemm_router_case(1100, 41, prec);
+        dgemm_router_case(1104, 42, prec);
+        /* 34 blocks: more than the 32 lanes that share one recomputed logit */
+        dgemm_router_case(33 * MOECAL_RM_BLOCK + 520, 43, prec);
+    }
+}
+
+/* Every --router-logits precision, GPU against CPU: softmax (k of 64, as
+ * Qwen3-MoE) and DeepSeek's grouped sigmoid; equal router rows make exact
+ * ties at every precision (the lower expert wins on both).  exact runs the
+ * float64 kernel and the double selection. */
+static void test_logit_precisions(void **state)
+{
+    (void)state;
+    for (int prec = 0; prec < 3; prec++) {
+        problem p;
+        problem_make(&p, MOECAL_SCORING_SOFTMAX, 64, 1, 1, 8, 200, 24, 7, 50, 1500, 50 + prec);
+        p.cold = p.one = -1;
+        p.prec = prec;
+        memcpy(p.gate + 21 * 200, p.gate + 20 * 200, 200 * sizeof(float));
+        check_problem(&p, false, 333, 400);
+        problem_free(&p);
+        problem_make(&p, MOECAL_SCORING_SIGMOID, 32, 8, 3, 6, 136, 16, 0, 32, 1500, 60 + prec);
+        p.cold = p.one = -1;
+        p.prec = prec;
+        memcpy(p.gate + 9 * 136, p.gate + 2 * 136, 136 * sizeof(float));
+        p.bias[9] = p.bias[2];
+        check_problem(&p, false, 333, 400);
+        problem_free(&p);
+    }
 }
 
 static void test_registry(void **state)
@@ -850,6 +903,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_memory_limit_and_device),
         cmocka_unit_test(test_fp8_weights),
         cmocka_unit_test(test_dgemm_router_exactness),
+        cmocka_unit_test(test_logit_precisions),
         cmocka_unit_test(test_registry),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

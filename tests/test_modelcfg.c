@@ -80,6 +80,77 @@ static void expect_fail(const kv *defaults, const char *extra, moecal_status cod
     moecal_model_config_free(&cfg);
 }
 
+/* ------------------------------------------------------------------ key spellings */
+
+/* The expert count under each spelling transformers accepts (attribute_map):
+ * alone, both equal, both different (refused), neither (refused). */
+static void spellings(const char *model_type, const char *base, const char *key,
+                      const char *alias, int n_moe)
+{
+    char extra[512], want[160];
+    moecal_model_config cfg;
+    const char *names[2] = {key, alias};
+    kv defaults[] = {{NULL, NULL}};
+
+    for (int i = 0; i < 2; i++) {
+        snprintf(extra, sizeof extra, "\"model_type\": \"%s\", %s, \"%s\": 16", model_type,
+                 base, names[i]);
+        if (parse_with(defaults, extra, &cfg) != MOECAL_OK)
+            fail_msg("{%s}: %s", extra, moecal_error_message());
+        assert_int_equal(cfg.n_routed_experts, 16);
+        assert_int_equal(cfg.n_moe_layers, n_moe);
+        moecal_model_config_free(&cfg);
+    }
+    snprintf(extra, sizeof extra, "\"model_type\": \"%s\", %s, \"%s\": 16, \"%s\": 16",
+             model_type, base, key, alias);
+    assert_int_equal(parse_with(defaults, extra, &cfg), MOECAL_OK);
+    assert_int_equal(cfg.n_routed_experts, 16);
+    moecal_model_config_free(&cfg);
+
+    snprintf(extra, sizeof extra, "\"model_type\": \"%s\", %s, \"%s\": 16, \"%s\": 8",
+             model_type, base, key, alias);
+    snprintf(want, sizeof want, "'%s' is 16 but its alias '%s' is 8", key, alias);
+    expect_fail(defaults, extra, MOECAL_ERR_FORMAT, want);
+
+    snprintf(extra, sizeof extra, "\"model_type\": \"%s\", %s", model_type, base);
+    snprintf(want, sizeof want, "missing key '%s' (or its alias '%s'", key, alias);
+    expect_fail(defaults, extra, MOECAL_ERR_FORMAT, want);
+
+    /* the bound on num_experts_per_tok names the key that was read */
+    snprintf(extra, sizeof extra, "\"model_type\": \"%s\", %s, \"%s\": 3", model_type,
+             base, alias);
+    snprintf(want, sizeof want, "between 1 and %s (3)", alias);
+    expect_fail(defaults, extra, MOECAL_ERR_FORMAT, want);
+}
+
+static void test_key_spellings(void **state)
+{
+    const char *common = "\"hidden_size\": 64, \"num_hidden_layers\": 4, "
+                         "\"num_experts_per_tok\": 4";
+    char base[256];
+
+    (void)state;
+    /* Qwen3-MoE: num_experts (transformers 4) or num_local_experts (5) */
+    snprintf(base, sizeof base, "%s, \"moe_intermediate_size\": 32", common);
+    spellings("qwen3_moe", base, "num_local_experts", "num_experts", 4);
+    /* Mixtral: num_local_experts, or num_experts through MixtralConfig's map */
+    snprintf(base, sizeof base, "%s, \"intermediate_size\": 32", common);
+    spellings("mixtral", base, "num_local_experts", "num_experts", 4);
+    /* DeepSeek-V3: n_routed_experts or num_local_experts; V2: num_experts */
+    snprintf(base, sizeof base, "%s, \"moe_intermediate_size\": 32, \"n_group\": 4, "
+             "\"topk_group\": 2, \"first_k_dense_replace\": 1", common);
+    spellings("deepseek_v3", base, "n_routed_experts", "num_local_experts", 3);
+    snprintf(base, sizeof base, "%s, \"moe_intermediate_size\": 32", common);
+    spellings("deepseek_v2", base, "n_routed_experts", "num_experts", 4);
+
+    /* qwen2_moe has no alias: num_local_experts is not its key */
+    kv none[] = {{NULL, NULL}};
+    expect_fail(none, "\"model_type\": \"qwen2_moe\", \"hidden_size\": 64, "
+                "\"num_hidden_layers\": 4, \"moe_intermediate_size\": 32, "
+                "\"num_experts_per_tok\": 4, \"num_local_experts\": 16", MOECAL_ERR_FORMAT,
+                "missing key 'num_experts'");
+}
+
 /* ------------------------------------------------------------------ fixtures */
 
 static void test_deepseek_v3(void **state)
@@ -405,6 +476,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_deepseek_v3),
+        cmocka_unit_test(test_key_spellings),
         cmocka_unit_test(test_deepseek_v2_lite),
         cmocka_unit_test(test_qwen3),
         cmocka_unit_test(test_mixtral),

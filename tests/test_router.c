@@ -228,6 +228,137 @@ static void test_ties_lower_index(void **state)
     assert_int_equal(sel[1], 1);
 }
 
+/* --router-logits bf16 rounds the double sum once: against frexp/ldexp
+ * arithmetic written here, on random doubles of every magnitude, and on the
+ * cases a second rounding (through float32) gets wrong. */
+static double urand(void);
+
+static float ref_bf16(double v)
+{
+    int e;
+    if (v != v || v == 0.0 || isinf(v))
+        return (float)v;
+    (void)frexp(v, &e);                 /* v = m 2^e, 0.5 <= |m| < 1 */
+    int q = e - 8 < -133 ? -133 : e - 8;  /* 8 significant bits, subnormals */
+    double r = nearbyint(ldexp(v, -q)); /* exact scaling, round half to even */
+    return (float)ldexp(r, q);          /* inf past bf16's (float's) range */
+}
+
+static void test_round_bf16(void **state)
+{
+    (void)state;
+    for (int i = 0; i < 2000000; i++) {
+        double v = (urand() * 2.0 - 1.0) * ldexp(1.0, (int)(urand() * 290.0) - 150);
+        if (i % 4 == 0) /* exactly on or next to a bf16 midpoint */
+            v = ((double)ref_bf16(v) + ldexp(fabs((double)ref_bf16(v)), -9)) *
+                (1.0 + (double)((i / 4) % 3 - 1) * 0x1p-52);
+        float got = moecal_rm_round_bf16(v), want = ref_bf16(v);
+        if (memcmp(&got, &want, sizeof got) != 0)
+            fail_msg("round_bf16(%a) = %a, want %a", v, (double)got, (double)want);
+        uint32_t bits;
+        memcpy(&bits, &got, sizeof bits);
+        if (!isinf(got))
+            assert_int_equal(bits & 0xffffu, 0); /* a bf16 value */
+    }
+    /* double rounding: (float) lands on the midpoint 1 + 2^-8, which rounds
+     * to even (1.0); the single rounding of the value above it goes up */
+    double v = 1.0 + 0x1p-8 + 0x1p-30;
+    assert_true(moecal_rm_round_bf16(v) == 1.0f + 0x1p-7f);
+    assert_true(moecal_rm_round_bf16((double)(float)v) == 1.0f);
+    assert_true(moecal_rm_round_bf16(1.0 + 0x1p-8) == 1.0f);                  /* tie: even */
+    assert_true(moecal_rm_round_bf16(1.0 + 0x1p-7 + 0x1p-8) == 1.0f + 0x1p-6f); /* tie: even */
+    assert_true(moecal_rm_round_bf16(-(1.0 + 0x1p-8 + 0x1p-40)) == -(1.0f + 0x1p-7f));
+    assert_true(moecal_rm_round_bf16(0x1.ffp127) == INFINITY);
+    assert_true(moecal_rm_round_bf16(0x1.feffffp127) == 0x1.fep127f);
+    assert_true(moecal_rm_round_bf16(-1e300) == -INFINITY);
+    assert_true(moecal_rm_round_bf16(0x1p-134) == 0.0f);           /* tie: even (0) */
+    assert_true(moecal_rm_round_bf16(0x1.8p-133) == 0x1p-132f);    /* tie: even */
+    assert_true(isnan(moecal_rm_round_bf16(NAN)));
+    assert_true(moecal_route_round(v, MOECAL_LOGITS_FP32) == (float)v);
+    assert_true(moecal_route_round(v, MOECAL_LOGITS_BF16) == 1.0f + 0x1p-7f);
+}
+
+/* The double exp of the exact precision: close to expl everywhere. */
+static void test_route_exp(void **state)
+{
+    (void)state;
+    double worst = 0.0;
+    for (int i = 0; i < 200000; i++) {
+        double x = urand() * 1400.0 - 700.0;
+        if (i % 2)
+            x = urand() * 40.0 - 20.0;
+        long double want = expl((long double)x);
+        double got = moecal_route_exp(x);
+        double rel = (double)fabsl(((long double)got - want) / want);
+        worst = rel > worst ? rel : worst;
+    }
+    if (worst > 4e-16)
+        fail_msg("moecal_route_exp: relative error up to %g", worst);
+    assert_true(moecal_route_exp(0.0) == 1.0);
+    assert_true(moecal_route_exp(710.0) == INFINITY);
+    assert_true(moecal_route_exp(-746.0) == 0.0);
+    assert_true(moecal_route_exp(-740.0) > 0.0); /* subnormal */
+    assert_true(isnan(moecal_route_exp(NAN)));
+}
+
+/* Equal router rows give equal logits at every precision: the lower expert
+ * index wins the k-th place, and the lower group a tied group score, in the
+ * float and the double router alike. */
+static void test_ties_equal_rows(void **state)
+{
+    (void)state;
+    enum { E = 8, H = 40 };
+    float g[E][H];
+    uint16_t x[H];
+    for (int h = 0; h < H; h++) {
+        float v = (float)(urand() * 2.0 - 1.0);
+        uint32_t u;
+        memcpy(&u, &v, sizeof u);
+        x[h] = (uint16_t)(u >> 16);
+        for (int e = 0; e < E; e++)
+            g[e][h] = (float)(urand() * 0.2 - 0.1);
+    }
+    /* experts 1, 4, 6 share a row (the best), 3 and 5 share the next best */
+    for (int h = 0; h < H; h++) {
+        g[4][h] = g[6][h] = g[1][h] = fabsf(g[1][h]) * (float)(x[h] & 0x8000 ? -1 : 1);
+        g[5][h] = g[3][h] = 0.5f * g[1][h];
+    }
+    for (int prec = 0; prec < 3; prec++) {
+        float lf[E];
+        double ld[E];
+        int32_t sel[4], seld[4];
+        for (int e = 0; e < E; e++) {
+            const float *ge = g[e];
+            float xf[H];
+            for (int h = 0; h < H; h++)
+                xf[h] = moecal_rm_bf16(x[h]);
+            ld[e] = moecal_route_logit_fd(xf, ge, H);
+            lf[e] = moecal_route_round(ld[e], prec);
+        }
+        assert_true(lf[1] == lf[4] && lf[4] == lf[6] && lf[3] == lf[5]);
+        moecal_model_config c = softmax_cfg(MOECAL_FAMILY_QWEN3_MOE, E, 4, true);
+        route1(&c, lf, NULL, sel, NULL);
+        assert_int_equal(moecal_router_select_d(&c, ld, NULL, 1, seld, NULL), MOECAL_OK);
+        /* 1, 4, 6 then the lower of 3 and 5 */
+        assert_int_equal(sel[0], 1);
+        assert_int_equal(sel[1], 3);
+        assert_int_equal(sel[2], 4);
+        assert_int_equal(sel[3], 6);
+        assert_memory_equal(sel, seld, sizeof sel);
+        /* groups {0,1} {2,3} {4,5} {6,7}, one kept: {4,5} and {6,7} hold the
+         * same two logits, the others less; the lower group wins */
+        c = deepseek(E, 4, 1, 2);
+        float lg[E] = {-5, -5, -5, -5, lf[1], lf[3], lf[1], lf[3]};
+        double lgd[E] = {-5, -5, -5, -5, ld[1], ld[3], ld[1], ld[3]};
+        const float zero[E] = {0};
+        route1(&c, lg, zero, sel, NULL);
+        assert_int_equal(moecal_router_select_d(&c, lgd, zero, 1, seld, NULL), MOECAL_OK);
+        assert_int_equal(sel[0], 4);
+        assert_int_equal(sel[1], 5);
+        assert_memory_equal(sel, seld, 2 * sizeof sel[0]);
+    }
+}
+
 static void test_k_equals_e(void **state)
 {
     (void)state;
@@ -464,6 +595,25 @@ static void compare_random(const moecal_model_config *c, int ntok, bool with_bia
             assert_float_equal(w[(size_t)t * k + i], rw[i], 1e-5 * (1.0 + fabsf(rw[i])));
         }
     }
+    /* the exact precision's double router: the same steps and tie rule, so
+     * the same experts where no two choice values are within float rounding
+     * (these logits are float values, far apart or exactly equal) */
+    double *ld = malloc(sizeof(double) * (size_t)ntok * (size_t)E);
+    int32_t *seld = malloc(sizeof(int32_t) * (size_t)ntok * (size_t)k);
+    float *wd = malloc(sizeof(float) * (size_t)ntok * (size_t)k);
+    assert_true(ld && seld && wd);
+    for (size_t i = 0; i < (size_t)ntok * (size_t)E; i++)
+        ld[i] = l[i];
+    assert_int_equal(moecal_router_select_d(c, ld, b, ntok, seld, wd), MOECAL_OK);
+    for (size_t i = 0; i < (size_t)ntok * (size_t)k; i++) {
+        if (sel[i] != seld[i])
+            fail_msg("token %zu: the double router chose expert %d, the float router %d",
+                     i / (size_t)k, seld[i], sel[i]);
+        assert_float_equal(wd[i], w[i], 1e-5 * (1.0 + fabsf(w[i])));
+    }
+    free(ld);
+    free(seld);
+    free(wd);
     free(l);
     free(bias);
     free(sel);
@@ -511,6 +661,9 @@ int main(void)
         cmocka_unit_test(test_k_equals_e),
         cmocka_unit_test(test_nan_competes_as_minus_inf),
         cmocka_unit_test(test_route_expf),
+        cmocka_unit_test(test_round_bf16),
+        cmocka_unit_test(test_route_exp),
+        cmocka_unit_test(test_ties_equal_rows),
         cmocka_unit_test(test_route_logit),
         cmocka_unit_test(test_bad_config),
         cmocka_unit_test(test_random_vs_naive),
