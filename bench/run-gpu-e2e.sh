@@ -11,7 +11,10 @@
 # it with its libraries, mpiexec included).  RANKS (default 1) ranks share the
 # node's GPUs; CHUNK defaults to 131072 32768.  SYNTH_ARGS and BACKEND
 # replace the model's sizes and the backend (a small dry run on a CPU:
-# SYNTH_ARGS="--preset demo" BACKEND=cpu).
+# SYNTH_ARGS="--preset demo" BACKEND=cpu).  ROUTER_LOGITS="fp32 bf16 exact"
+# then times each --router-logits setting at the first CHUNK and prints how
+# its amax compare with the first setting's (the routing differs, so they
+# need not be identical).
 set -u
 usage="usage: run-gpu-e2e.sh BINDIR WORKDIR [OUTDIR] [RANKS] [CHUNK...]"
 [ $# -ge 2 ] || { echo "$usage" >&2; exit 2; }
@@ -48,6 +51,25 @@ for c in $chunks; do
         "$bin/moecal" compare "$work/amax-$c.h5" "$work/amax-$first.h5" >"$out/compare-$c.log" 2>&1 ||
             status=1
         head -n 30 "$out/compare-$c.log"
+    fi
+done
+set -- $chunks
+for p in ${ROUTER_LOGITS:-}; do
+    t0=$(date +%s)
+    mpiexec -n "$ranks" "$bin/moecal" calibrate -m "$work/model" -o "$work/amax-rl-$p.h5" -f \
+        --backend "${BACKEND:-cuda}" --chunk-tokens "$1" --router-logits "$p" -v 2 \
+        >"$out/calibrate-rl-$p.log" 2>&1
+    rc=$?
+    echo "== calibrate --chunk-tokens $1 --router-logits $p: rc $rc, $(( $(date +%s) - t0 )) s"
+    grep -E "^# (rank 0 time|wrote)" "$out/calibrate-rl-$p.log"
+    [ $rc -eq 0 ] || { tail -n 5 "$out/calibrate-rl-$p.log"; status=1; continue; }
+    if [ -z "${rl_first:-}" ]; then
+        rl_first=$p
+    else
+        echo "== compare --router-logits $p with $rl_first"
+        "$bin/moecal" compare "$work/amax-rl-$p.h5" "$work/amax-rl-$rl_first.h5" \
+            >"$out/compare-rl-$p.log" 2>&1 || status=1
+        head -n 12 "$out/compare-rl-$p.log"
     fi
 done
 exit $status

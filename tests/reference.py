@@ -15,8 +15,8 @@ amax.h5:
 The model is computed as it runs in bf16: x is bf16, a = bf16(x W1^T) and
 b = bf16(x W3^T) with float32 accumulation, h = bf16(bf16(silu(a)) * b).
 Routing is the model's router in float32, its logits x Wg^T computed in
-float64 and rounded once to float32 (moecal's definition, which is the exact
-dot product's rounding up to a double rounding error).  Ties between equal
+float64 and rounded once to float32 or to bf16 (--router-logits; auto is bf16
+for Qwen-MoE and Mixtral, fp32 for DeepSeek, as moecal's default).  Ties between equal
 scores go to the lower expert index (stable sort).  Masked groups
 (DeepSeek-V3) are -inf.
 
@@ -26,6 +26,7 @@ decodes FP8 e4m3 from its bit fields and reads the activations itself.
 usage: reference.py MODEL_DIR ACTIVATIONS.h5 -o OUT.npz|OUT.json
                     [--all-experts] [--layers 3-5,7] [--max-tokens N]
                     [--nonfinite error|skip] [--block-tokens N]
+                    [--router-logits auto|bf16|fp32]
 """
 
 import argparse
@@ -174,6 +175,27 @@ class Checkpoint:
 
 # --------------------------------------------------------------- model family
 
+def expert_count(cfg, key, alias):
+    """The expert count under either spelling transformers reads."""
+    vals = {cfg[k] for k in (key, alias) if cfg.get(k) is not None}
+    if len(vals) != 1:
+        die(f"config.json: '{key}'/'{alias}' give {sorted(vals)}")
+    return vals.pop()
+
+
+def round_bf16_f64(v):
+    """float64 -> nearest bf16 in one rounding (ties to even), as float32."""
+    v = np.asarray(v, dtype=np.float64)
+    u = v.view(np.uint64)
+    drop = np.uint64((1 << 45) - 1)
+    r = ((u + (drop >> np.uint64(1)) + ((u >> np.uint64(45)) & np.uint64(1))) & ~drop)
+    out = r.view(np.float64)
+    tiny = np.abs(v) < 2.0 ** -126
+    out = np.where(tiny, np.rint(v * 2.0 ** 133) * 2.0 ** -133, out)
+    out = np.where(np.abs(v) >= float.fromhex("0x1.ffp127"), np.copysign(np.inf, v), out)
+    return out.astype(np.float32)
+
+
 class Family:
     def __init__(self, cfg):
         mt = cfg.get("model_type", "")
@@ -181,8 +203,10 @@ class Family:
         self.H = cfg["hidden_size"]
         nl = cfg["num_hidden_layers"]
         if mt in ("deepseek_v3", "deepseek_v2", "kimi_k2"):
-            self.E = cfg["n_routed_experts"]
+            self.E = expert_count(cfg, "n_routed_experts",
+                                  "num_experts" if mt == "deepseek_v2" else "num_local_experts")
             self.I = cfg["moe_intermediate_size"]
+            self.logits = "fp32"
             self.scoring = cfg.get("scoring_func", "sigmoid" if mt != "deepseek_v2" else "softmax")
             method = cfg.get("topk_method", "noaux_tc" if mt != "deepseek_v2" else "greedy")
             self.grouped = method in ("noaux_tc", "group_limited_greedy")
@@ -195,8 +219,10 @@ class Family:
             self.prefix = "model.layers.{L}.mlp"
             self.proj = ("gate_proj", "down_proj", "up_proj")
         elif mt in ("qwen3_moe", "qwen2_moe"):
-            self.E = cfg["num_experts"]
+            self.E = expert_count(cfg, "num_experts", "num_local_experts" if mt == "qwen3_moe"
+                                  else "num_experts")
             self.I = cfg["moe_intermediate_size"]
+            self.logits = "bf16"
             self.scoring = "softmax"
             self.grouped = self.use_bias = False
             self.n_group = self.topk_group = 1
@@ -206,8 +232,9 @@ class Family:
             self.prefix = "model.layers.{L}.mlp"
             self.proj = ("gate_proj", "down_proj", "up_proj")
         elif mt == "mixtral":
-            self.E = cfg["num_local_experts"]
+            self.E = expert_count(cfg, "num_local_experts", "num_experts")
             self.I = cfg["intermediate_size"]
+            self.logits = "bf16"
             self.scoring = "softmax"
             self.grouped = self.use_bias = False
             self.n_group = self.topk_group = 1
@@ -338,7 +365,8 @@ def calibrate_layer(ck, fam, acts, layer, args, T):
         if args.all_experts:
             member = np.ones((x.shape[0], E), dtype=bool)
         else:
-            logits = (x.astype(np.float64) @ gate.astype(np.float64).T).astype(np.float32)
+            exact = x.astype(np.float64) @ gate.astype(np.float64).T
+            logits = round_bf16_f64(exact) if args.prec == "bf16" else exact.astype(np.float32)
             sel = route(fam, logits, bias)
             member = np.zeros((x.shape[0], E), dtype=bool)
             np.put_along_axis(member, sel, True, axis=1)
@@ -370,10 +398,12 @@ def main():
     ap.add_argument("--nonfinite", choices=("error", "skip"), default="error")
     ap.add_argument("--block-tokens", type=int, default=4096,
                     help="tokens read and multiplied at a time (memory only)")
+    ap.add_argument("--router-logits", choices=("auto", "bf16", "fp32"), default="auto")
     args = ap.parse_args()
 
     ck = Checkpoint(args.model)
     fam = Family(ck.cfg)
+    args.prec = fam.logits if args.router_logits == "auto" else args.router_logits
     acts = Activations(args.activations)
     layers = parse_layers(args.layers, fam.moe_layers)
     L, E = len(layers), fam.E
