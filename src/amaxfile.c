@@ -297,6 +297,8 @@ moecal_status moecal_amax_write_h5(MPI_Comm comm, const char *path, const moecal
     attr_str(&w, w.file, "quant_format", moecal_qfmt_name(m->qfmt));
     attr_str(&w, w.file, "model_path", m->model_path);
     attr_str(&w, w.file, "model_type", cfg->model_type);
+    if (m->checkpoint_fingerprint)
+        attr_str(&w, w.file, "checkpoint_fingerprint", m->checkpoint_fingerprint);
     attr_str(&w, w.file, "activations_path", m->activations_path);
     attr_int(&w, w.file, "n_ranks", m->n_ranks);
     attr_int(&w, w.file, "n_nodes", m->n_nodes);

@@ -19,6 +19,7 @@ typedef struct moecal_amax_meta {
     const char *command_line;
     int all_experts;             /* mode all_experts (no sync) vs topk (peer_max) */
     int router_logits;           /* moecal_logit_prec the router used (top-k mode) */
+    const char *checkpoint_fingerprint; /* moecal_checkpoint_fingerprint of the model */
     moecal_qfmt qfmt;
     const char *model_path, *activations_path;
     const char *placement_json;  /* identical on every rank */

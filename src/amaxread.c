@@ -402,6 +402,8 @@ static moecal_status read_all(hid_t f, const char *path, unsigned what, moecal_a
     MOECAL_TRY(attr_str(f, path, "sync", 0, d->sync, sizeof d->sync));
     MOECAL_TRY(attr_str(f, path, "router_logits", 0, d->router_logits,
                         sizeof d->router_logits));
+    MOECAL_TRY(attr_str(f, path, "checkpoint_fingerprint", 0, d->checkpoint_fingerprint,
+                        sizeof d->checkpoint_fingerprint));
     MOECAL_TRY(attr_str(f, path, "quant_format", 0, d->quant_format, sizeof d->quant_format));
     MOECAL_TRY(attr_str(f, path, "created", 0, d->created, sizeof d->created));
     MOECAL_TRY(attr_str(f, path, "moecal_version", 0, d->moecal_version,

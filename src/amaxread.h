@@ -32,6 +32,7 @@ typedef struct moecal_amax_data {
     char mode[32];             /* "topk" | "all_experts" */
     char sync[32];             /* "peer_max" | "none" */
     char router_logits[16];    /* "bf16" | "fp32" | "exact" | "none"; "" in older files */
+    char checkpoint_fingerprint[24]; /* 16 hex digits; "" in older files */
     char quant_format[32];
     char created[64];
     char moecal_version[32];

@@ -19,6 +19,7 @@
 
 #include "backend.h"
 #include "calibrate.h"
+#include "export.h"
 #include "model.h"
 #include "prefetch.h"
 #include "router.h"
@@ -498,7 +499,7 @@ moecal_status moecal_calibrate_run(const moecal_comm *c, const moecal_calib_para
     chunk_pipe pp = {0};
     moecal_chunk ch;
     moecal_chunk_stats cs = {0};
-    char act_path[4096], tmp_path[4200], created[64];
+    char act_path[4096], tmp_path[4200], created[64], fingerprint[17];
     progress pg = {0};
     double t_start, t_compute = 0, t_load = 0;
     int64_t nskipped = 0, first_step = 0, nsteps;
@@ -608,6 +609,11 @@ moecal_status moecal_calibrate_run(const moecal_comm *c, const moecal_calib_para
     m.command_line = p->command_line;
     m.all_experts = p->all_experts;
     m.router_logits = j.prec;
+    if (c->rank == 0)
+        s = moecal_checkpoint_fingerprint(j.model, fingerprint);
+    moecal_check_all(s);
+    MOECAL_MPI_CHECK(MPI_Bcast(fingerprint, sizeof fingerprint, MPI_CHAR, 0, c->world));
+    m.checkpoint_fingerprint = fingerprint;
     m.qfmt = p->qfmt;
     m.model_path = p->model_dir;
     m.activations_path = act_path;

@@ -11,6 +11,7 @@
 #include "config.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -310,6 +311,158 @@ static void check_tensors(ckpt *c)
     }
 }
 
+/* ------------------------------------------------------------------ NVFP4 */
+
+typedef struct qlin {
+    char *mod;            /* module name, "model.layers.3.mlp.experts.7.gate_proj" */
+    float ws2, is;        /* weight_scale_2, input_scale (NaN if unreadable) */
+} qlin;
+
+static int qlin_cmp(const void *a, const void *b)
+{
+    return strcmp(((const qlin *)a)->mod, ((const qlin *)b)->mod);
+}
+
+static void nv_problem(json_t *problems, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+static void nv_problem(json_t *problems, const char *fmt, ...)
+{
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    json_array_append_new(problems, json_string(buf));
+}
+
+static float scalar_f32(const moecal_st_file *f, const moecal_st_tensor *t)
+{
+    float v = NAN;
+    if (t && t->dtype == MOECAL_DT_F32 && t->numel == 1 && moecal_st_read(f, t, &v, 4) != MOECAL_OK)
+        v = NAN;
+    return v;
+}
+
+/* An NVFP4 checkpoint (hf_quant_config.json, as `moecal export` writes it):
+ * every quantized linear has its four tensors with consistent shapes and
+ * dtypes and positive finite scales; gate and up of an MLP or expert share
+ * weight_scale_2 and input_scale (engines fuse them); nothing quantized is
+ * also excluded.  Adds "nvfp4" to j; false when something is wrong. */
+static bool inspect_nvfp4(const ckpt *c, json_t *j)
+{
+    char *path = path_join(c->dir, "hf_quant_config.json"), tn[1200];
+    json_error_t jerr;
+    struct stat st;
+    json_t *root, *q, *ex, *nv = json_object(), *problems = json_array();
+    qlin *ql = NULL;
+    size_t nq = 0, cap = 0;
+    bool ok = true;
+
+    if (!path || stat(path, &st) != 0 || !S_ISREG(st.st_mode) || !nv || !problems) {
+        free(path);
+        json_decref(nv);
+        json_decref(problems);
+        return true;
+    }
+    root = json_load_file(path, JSON_REJECT_DUPLICATES, &jerr);
+    q = root ? json_object_get(root, "quantization") : NULL;
+    ex = q ? json_object_get(q, "exclude_modules") : NULL;
+    if (!json_is_object(q)) {
+        nv_problem(problems, "%s: %s", path, root ? "no \"quantization\" object" : jerr.text);
+    } else {
+        jset(nv, "quant_algo", json_incref(json_object_get(q, "quant_algo")));
+        jset(nv, "group_size", json_incref(json_object_get(q, "group_size")));
+        jset(nv, "kv_cache_quant_algo", json_incref(json_object_get(q, "kv_cache_quant_algo")));
+        jset(nv, "excluded_modules", json_integer((json_int_t)json_array_size(ex)));
+        if (!json_is_array(ex))
+            nv_problem(problems, "%s: exclude_modules is not a list (vLLM refuses it)", path);
+        if (!json_is_integer(json_object_get(q, "group_size")))
+            nv_problem(problems, "%s: no group_size (vLLM and SGLang need it)", path);
+        if (!json_object_get(q, "kv_cache_quant_algo"))
+            nv_problem(problems, "%s: no kv_cache_quant_algo key (vLLM needs it, null allowed)",
+                       path);
+    }
+    for (int i = 0; i < c->nsh; i++) {
+        const moecal_st_file *f = c->sh[i].f;
+        for (size_t k = 0; f && k < moecal_st_count(f); k++) {
+            const moecal_st_tensor *t = moecal_st_tensor_at(f, k), *w, *ws, *is;
+            size_t n = strlen(t->name);
+            if (n < 15 || strcmp(t->name + n - 15, ".weight_scale_2") != 0)
+                continue;
+            if (nq == cap) {
+                cap = cap ? 2 * cap : 256;
+                qlin *nql = realloc(ql, cap * sizeof *ql);
+                if (!nql)
+                    break;
+                ql = nql;
+            }
+            qlin *x = &ql[nq];
+            if (!(x->mod = strndup(t->name, n - 15)))
+                break;
+            nq++;
+            snprintf(tn, sizeof tn, "%s.weight", x->mod);
+            w = moecal_st_find(f, tn);
+            snprintf(tn, sizeof tn, "%s.weight_scale", x->mod);
+            ws = moecal_st_find(f, tn);
+            snprintf(tn, sizeof tn, "%s.input_scale", x->mod);
+            is = moecal_st_find(f, tn);
+            x->ws2 = scalar_f32(f, t);
+            x->is = scalar_f32(f, is);
+            if (!w || w->dtype != MOECAL_DT_U8 || w->ndim != 2)
+                nv_problem(problems, "%s: %s.weight is not a U8 matrix next to its "
+                           "weight_scale_2", c->sh[i].name, x->mod);
+            else if (!ws || ws->dtype != MOECAL_DT_F8_E4M3 || ws->ndim != 2 ||
+                     ws->shape[0] != w->shape[0] || ws->shape[1] * 8 != w->shape[1])
+                nv_problem(problems, "%s: %s.weight_scale is not F8_E4M3 [%lld, %lld]",
+                           c->sh[i].name, x->mod, (long long)w->shape[0],
+                           (long long)w->shape[1] / 8);
+            if (!(x->ws2 > 0.0f) || !isfinite(x->ws2) || !(x->is > 0.0f) || !isfinite(x->is))
+                nv_problem(problems, "%s: %s: weight_scale_2 %g and input_scale %g must be "
+                           "positive F32 scalars", c->sh[i].name, x->mod, (double)x->ws2,
+                           (double)x->is);
+        }
+    }
+    qsort(ql, nq, sizeof *ql, qlin_cmp);
+    for (size_t i = 0; i < nq; i++) {
+        /* gate_proj with up_proj, w1 with w3 */
+        const char *m = ql[i].mod;
+        size_t n = strlen(m);
+        const char *from = NULL, *to = NULL;
+        if (n > 10 && strcmp(m + n - 10, ".gate_proj") == 0)
+            from = ".gate_proj", to = ".up_proj";
+        else if (n > 3 && strcmp(m + n - 3, ".w1") == 0)
+            from = ".w1", to = ".w3";
+        if (from) {
+            snprintf(tn, sizeof tn, "%.*s%s", (int)(n - strlen(from)), m, to);
+            qlin key = {tn, 0, 0};
+            const qlin *up = bsearch(&key, ql, nq, sizeof *ql, qlin_cmp);
+            if (!up)
+                nv_problem(problems, "%s is NVFP4 but %s is not", m, tn);
+            else if (up->ws2 != ql[i].ws2 || up->is != ql[i].is)
+                nv_problem(problems, "%s and %s differ in weight_scale_2 (%g, %g) or "
+                           "input_scale (%g, %g): engines fuse them into one GEMM", m, tn,
+                           (double)ql[i].ws2, (double)up->ws2, (double)ql[i].is,
+                           (double)up->is);
+        }
+        size_t e;
+        json_t *v;
+        json_array_foreach(ex, e, v) {
+            if (json_is_string(v) && strcmp(json_string_value(v), m) == 0)
+                nv_problem(problems, "%s is NVFP4 and also in exclude_modules", m);
+        }
+    }
+    jset(nv, "quantized_linears", json_integer((json_int_t)nq));
+    ok = json_array_size(problems) == 0;
+    jset(nv, "problems", problems);
+    jset(j, "nvfp4", nv);
+    for (size_t i = 0; i < nq; i++)
+        free(ql[i].mod);
+    free(ql);
+    json_decref(root);
+    free(path);
+    return ok;
+}
+
 static moecal_status inspect_ckpt(const char *dir, json_t *j, bool *complete)
 {
     ckpt c = {.dir = dir};
@@ -390,6 +543,14 @@ static moecal_status inspect_ckpt(const char *dir, json_t *j, bool *complete)
     moecal_model_close(m);
     *complete = s == MOECAL_OK && json_array_size(c.missing) == 0 &&
                 json_array_size(c.missing_shards) == 0;
+    (void)inspect_nvfp4(&c, j);
+    if (json_object_get(j, "nvfp4")) {
+        /* an NVFP4 checkpoint is complete when it is consistent, though
+         * calibrate does not read it */
+        *complete = json_array_size(c.missing) == 0 && json_array_size(c.missing_shards) == 0 &&
+                    json_array_size(json_object_get(json_object_get(j, "nvfp4"), "problems")) ==
+                        0;
+    }
     ckpt_free(&c);
     return MOECAL_OK;
 }
@@ -456,6 +617,28 @@ static void print_ckpt(const json_t *j)
             }
             printf("    %s: %s\n", json_string_value(json_object_get(v, "tensor")),
                    json_string_value(json_object_get(v, "problem")));
+        }
+    }
+    {
+        const json_t *nv = json_object_get(j, "nvfp4"), *pr;
+        if (nv) {
+            printf("  %-22s %s, %lld quantized linears, group %lld, %lld excluded modules, "
+                   "KV cache %s\n", "quantization", json_string_value(json_object_get(nv,
+                   "quant_algo")) ? json_string_value(json_object_get(nv, "quant_algo")) : "?",
+                   (long long)json_integer_value(json_object_get(nv, "quantized_linears")),
+                   (long long)json_integer_value(json_object_get(nv, "group_size")),
+                   (long long)json_integer_value(json_object_get(nv, "excluded_modules")),
+                   json_string_value(json_object_get(nv, "kv_cache_quant_algo"))
+                       ? json_string_value(json_object_get(nv, "kv_cache_quant_algo"))
+                       : "not quantized");
+            pr = json_object_get(nv, "problems");
+            json_array_foreach((json_t *)pr, i, v) {
+                if (i == SHOW_MISSING) {
+                    printf("    ... and %zu more (--json lists all)\n", json_array_size(pr) - i);
+                    break;
+                }
+                printf("  %-22s %s\n", "PROBLEM", json_string_value(v));
+            }
         }
     }
     if (json_is_true(json_object_get(j, "usable")))

@@ -9,5 +9,6 @@ int moecal_cmd_inspect(int argc, char **argv);
 int moecal_cmd_topo(int argc, char **argv);
 int moecal_cmd_compare(int argc, char **argv);
 int moecal_cmd_report(int argc, char **argv);
+int moecal_cmd_export(int argc, char **argv);
 
 #endif

@@ -21,6 +21,7 @@ static const command commands[] = {
     {"topo", moecal_cmd_topo, "show where each rank runs: host, cores, NUMA node, GPU"},
     {"compare", moecal_cmd_compare, "compare two amax files"},
     {"report", moecal_cmd_report, "routing and convergence statistics of an amax file"},
+    {"export", moecal_cmd_export, "write an NVFP4 checkpoint from a checkpoint and its amax file"},
     {NULL, NULL, NULL}
 };
 
@@ -70,7 +71,7 @@ int main(int argc, char **argv)
             cmd = c;
     if (!cmd) {
         fprintf(stderr, "moecal: error: unknown command '%s' (commands: calibrate, synth, "
-                        "inspect, topo, compare, report; see 'moecal --help')\n", argv[1]);
+                        "inspect, topo, compare, report, export; see 'moecal --help')\n", argv[1]);
         return 2;
     }
     moecal_runtime_init(&argc, &argv);

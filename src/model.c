@@ -389,6 +389,28 @@ static moecal_status shard_file(moecal_model *m, size_t i, const moecal_st_file 
     return rc;
 }
 
+size_t moecal_model_shard_count(const moecal_model *m)
+{
+    return m->nshards;
+}
+
+const char *moecal_model_shard_name(const moecal_model *m, size_t i)
+{
+    return i < m->nshards ? m->shards[i].name : NULL;
+}
+
+moecal_status moecal_model_shard_open(moecal_model *m, size_t i, const moecal_st_file **out)
+{
+    if (i >= m->nshards)
+        return moecal_error_set(MOECAL_ERR_INTERNAL, "shard %zu of %zu", i, m->nshards);
+    return shard_file(m, i, out);
+}
+
+int moecal_model_has_index(const moecal_model *m)
+{
+    return m->map != NULL;
+}
+
 /* Is name in the checkpoint?  (Index lookup, or the single file's header.) */
 static bool has_tensor(moecal_model *m, const char *name)
 {
@@ -434,6 +456,40 @@ static moecal_status check_listed(moecal_model *m)
     return MOECAL_OK;
 }
 
+/* An exported NVFP4 checkpoint (hf_quant_config.json, Model-Optimizer's
+ * layout) is not a source moecal can calibrate or export from. */
+static moecal_status refuse_quantized(const char *dir)
+{
+    char *path = path_join(dir, "hf_quant_config.json"), *text = NULL;
+    size_t len = 0;
+    json_t *root;
+    const char *algo = NULL;
+    moecal_status rc = MOECAL_OK;
+    struct stat st;
+
+    if (path == NULL)
+        return moecal_error_set(MOECAL_ERR_NOMEM, "%s: out of memory", dir);
+    if (stat(path, &st) != 0) {
+        free(path);
+        return MOECAL_OK;
+    }
+    rc = read_small_file(path, 64u << 20, &text, &len);
+    if (rc == MOECAL_OK) {
+        root = json_loadb(text, len, 0, NULL);
+        json_t *q = root ? json_object_get(root, "quantization") : NULL;
+        algo = q ? json_string_value(json_object_get(q, "quant_algo")) : NULL;
+        if (algo != NULL)
+            rc = moecal_error_set(MOECAL_ERR_UNSUPPORTED,
+                                  "%s is a quantized checkpoint (%s: quant_algo %.32s), not a "
+                                  "source moecal reads: give the BF16 or FP8 checkpoint it was "
+                                  "made from", dir, path, algo);
+        json_decref(root);
+    }
+    free(text);
+    free(path);
+    return rc;
+}
+
 moecal_status moecal_model_open(const char *dir, moecal_model **out)
 {
     moecal_model *m;
@@ -462,6 +518,9 @@ moecal_status moecal_model_open(const char *dir, moecal_model **out)
         goto fail;
     }
     rc = moecal_model_config_load(m->cfg_path, &m->cfg);
+    if (rc != MOECAL_OK)
+        goto fail;
+    rc = refuse_quantized(dir);
     if (rc != MOECAL_OK)
         goto fail;
 

@@ -41,6 +41,13 @@ void moecal_model_expert_name(const moecal_model *m, int layer, int expert, int 
 void moecal_model_expert_module(const moecal_model *m, int layer, int expert, int proj,
                                 char *buf, size_t len);
 
+/* The shard files: model.safetensors alone, or those the index lists, in
+ * ascending name order; moecal_model_has_index tells which. */
+size_t moecal_model_shard_count(const moecal_model *m);
+const char *moecal_model_shard_name(const moecal_model *m, size_t i);  /* basename */
+moecal_status moecal_model_shard_open(moecal_model *m, size_t i, const moecal_st_file **out);
+int moecal_model_has_index(const moecal_model *m);
+
 /* Find a tensor by name (opens its shard on first use). */
 moecal_status moecal_model_find(moecal_model *m, const char *name,
                                 const moecal_st_file **file, const moecal_st_tensor **t);

@@ -1,0 +1,84 @@
+/* cmd_export.c - `moecal export`: options, then the job (export.c). */
+#include "config.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "commands.h"
+#include "comm.h"
+#include "export.h"
+#include "options.h"
+#include "runtime.h"
+
+#define OPT_END {NULL, 0, MOECAL_OPT_FLAG, NULL, NULL, NULL, NULL, 0, 0, 0}
+
+static const moecal_optdef defs[] = {
+    {"model", 'm', MOECAL_OPT_STRING, NULL, NULL, "DIR",
+     "the Hugging Face checkpoint that was calibrated (FP8 or BF16)", 0, 0, 0},
+    {"amax", 0, MOECAL_OPT_STRING, NULL, NULL, "FILE",
+     "the amax file `moecal calibrate` wrote for it", 0, 0, 0},
+    /* not from MOECAL_OUTPUT: that names calibrate's amax file in job scripts */
+    {"output", 'o', MOECAL_OPT_STRING, NULL, NULL, "DIR", "the NVFP4 checkpoint to write",
+     MOECAL_OPTF_NOENV, 0, 0},
+    {"force", 'f', MOECAL_OPT_FLAG, "0", NULL, NULL, "replace an existing output", 0, 0, 0},
+    {"threads", 't', MOECAL_OPT_INT, "0", NULL, "N",
+     "threads per rank that quantize (0: OpenMP's default)", 0, 0, 4096},
+    {"quiet", 0, MOECAL_OPT_FLAG, "0", NULL, NULL, "print errors only", 0, 0, 0},
+    {"verbose", 'v', MOECAL_OPT_INT, "1", NULL, "LEVEL",
+     "what rank 0 prints: 0 errors, 1 progress, 2 details, 3 debug", 0, 0, 3},
+    {"verbose-ranks", 0, MOECAL_OPT_INT, "0", NULL, "LEVEL",
+     "what every rank prints (same levels)", 0, 0, 3},
+    OPT_END
+};
+
+static const char summary[] =
+    "Write an NVFP4 checkpoint (Model-Optimizer's \"modelopt\" format, served by vLLM,\n"
+    "SGLang and TensorRT-LLM) from a checkpoint and its amax file: every routed expert\n"
+    "projection becomes NVFP4 with the calibrated scales; other FP8 weights become\n"
+    "BF16; everything else is copied.  Ranks split the shard files; the output is the\n"
+    "same bytes for any number of ranks.";
+
+int moecal_cmd_export(int argc, char **argv)
+{
+    moecal_opts *o = NULL;
+    moecal_comm c;
+    moecal_export_params p;
+    moecal_status s;
+
+    s = moecal_opts_parse("export", defs, NULL, argc, argv, &o);
+    if (s != MOECAL_OK)
+        moecal_fatal_all(s);
+    if (moecal_opts_help(o)) {
+        if (moecal_world_rank() == 0)
+            moecal_opts_usage("export", defs, NULL, summary, stdout);
+        moecal_opts_free(o);
+        return 0;
+    }
+    if (moecal_opts_print_config(o)) {
+        if (moecal_world_rank() == 0)
+            moecal_opts_dump(o, stdout);
+        moecal_opts_free(o);
+        return 0;
+    }
+    if (moecal_opts_npos(o) > 0) {
+        moecal_error_set(MOECAL_ERR_USAGE, "unexpected argument '%s' (export takes options "
+                         "only; see 'moecal export --help')", moecal_opts_pos(o, 0));
+        moecal_fatal_all(MOECAL_ERR_USAGE);
+    }
+    moecal_set_verbosity(moecal_opts_flag(o, "quiet") ? MOECAL_LOG_QUIET
+                                                        : (int)moecal_opts_int(o, "verbose"),
+                         (int)moecal_opts_int(o, "verbose-ranks"));
+    p.model_dir = moecal_opts_str(o, "model");
+    p.amax_path = moecal_opts_str(o, "amax");
+    p.output = moecal_opts_str(o, "output");
+    p.force = moecal_opts_flag(o, "force");
+    p.threads = (int)moecal_opts_int(o, "threads");
+
+    s = moecal_comm_init(MPI_COMM_WORLD, &c);
+    moecal_check_all(s);
+    s = moecal_export_run(&c, &p);
+    moecal_check_all(s);
+    moecal_comm_free(&c);
+    moecal_opts_free(o);
+    return 0;
+}
