@@ -561,8 +561,53 @@ static FILE *open_tmp(const char *path, char *tmp, size_t len)
 
 static const char *const quantizer_proj[3] = {"gate_proj", "down_proj", "up_proj"};
 
+/* Model-Optimizer's print_quant_summary: f"{name:80} {quantizer!r}" for every
+ * TensorQuantizer in named_modules() order (per linear: input, output
+ * (disabled), weight; the linears of an expert in their module order: gate,
+ * up, down, or Mixtral's w1, w2, w3), then "<n> TensorQuantizers found in
+ * model".  The repr is the one of a calibrated max quantizer, amax printed
+ * as "%.2e". */
 moecal_status moecal_amax_write_summary(const char *path, const moecal_amax_meta *m,
                                         const moecal_model *model, const moecal_amax_tables *t)
+{
+    static const int hf_order[3] = {0, 2, 1}, mixtral_order[3] = {0, 1, 2};
+    const int *order = moecal_model_cfg(model)->family == MOECAL_FAMILY_MIXTRAL ? mixtral_order
+                                                                                : hf_order;
+    const char *fmt = m->qfmt == MOECAL_QFMT_FP8
+                          ? "(4, 3) bit fake per-tensor"
+                          : "(2, 1) bit fake block_sizes={-1: 16, 'type': 'dynamic', "
+                            "'scale_bits': (4, 3)},";
+    char tmp[4096], mod[256], name[300];
+    FILE *fp = open_tmp(path, tmp, sizeof tmp);
+    long long nq = 0;
+
+    if (!fp)
+        return moecal_error_errno(errno, "%s: cannot create", tmp);
+    for (int l = 0; l < m->L; l++)
+        for (int e = 0; e < m->E; e++) {
+            size_t i = ((size_t)l * (size_t)m->E + (size_t)e) * 3;
+            for (int k = 0; k < 3; k++) {
+                int p = order[k];
+                moecal_model_expert_module(model, m->layers[l], e, p, mod, sizeof mod);
+                snprintf(name, sizeof name, "%s.input_quantizer", mod);
+                fprintf(fp, "%-80s TensorQuantizer(%s amax=%.2e calibrator=MaxCalibrator quant)\n",
+                        name, fmt, (double)t->input_amax[i + p]);
+                snprintf(name, sizeof name, "%s.output_quantizer", mod);
+                fprintf(fp, "%-80s TensorQuantizer(disabled)\n", name);
+                snprintf(name, sizeof name, "%s.weight_quantizer", mod);
+                fprintf(fp, "%-80s TensorQuantizer(%s amax=%.2e calibrator=MaxCalibrator quant)\n",
+                        name, fmt, (double)t->weight_amax[i + p]);
+                nq += 3;
+            }
+        }
+    fprintf(fp, "%lld TensorQuantizers found in model\n", nq);
+    return commit_file(fp, tmp, path);
+}
+
+/* moecal's own table: every quantizer's final and calibrated amax, scale and
+ * the expert's token count. */
+moecal_status moecal_amax_write_table(const char *path, const moecal_amax_meta *m,
+                                      const moecal_model *model, const moecal_amax_tables *t)
 {
     char tmp[4096], mod[256];
     FILE *fp = open_tmp(path, tmp, sizeof tmp);
@@ -570,7 +615,7 @@ moecal_status moecal_amax_write_summary(const char *path, const moecal_amax_meta
 
     if (!fp)
         return moecal_error_errno(errno, "%s: cannot create", tmp);
-    fprintf(fp, "# moecal %s quant summary: %s, %s, %s mode%s%s\n", PACKAGE_VERSION,
+    fprintf(fp, "# moecal %s amax table: %s, %s, %s mode%s%s\n", PACKAGE_VERSION,
             m->model_path, moecal_qfmt_name(m->qfmt), m->all_experts ? "all-experts" : "top-k",
             m->all_experts ? "" : " with peer-max input sync, router logits ",
             m->all_experts ? "" : moecal_router_logits_name(m->router_logits));

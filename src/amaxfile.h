@@ -70,11 +70,16 @@ typedef struct moecal_amax_tables {
     const int64_t *tokens;              /* [L][E] over all chunks */
 } moecal_amax_tables;
 
-/* Serial: the quant summary (one line per quantizer), hf_quant_config.json
- * and a safetensors file of Model-Optimizer-named amax and export scales.
- * Each is written to a temporary name and renamed. */
+/* Serial: the quant summary in Model-Optimizer's print_quant_summary layout
+ * (one line per TensorQuantizer of the routed experts, Hugging Face module
+ * names), the amax table (per quantizer: amax, before the sync, scale,
+ * tokens), hf_quant_config.json and a safetensors file of
+ * Model-Optimizer-named amax and export scales.  Each is written to a
+ * temporary name and renamed. */
 moecal_status moecal_amax_write_summary(const char *path, const moecal_amax_meta *m,
                                         const moecal_model *model, const moecal_amax_tables *t);
+moecal_status moecal_amax_write_table(const char *path, const moecal_amax_meta *m,
+                                      const moecal_model *model, const moecal_amax_tables *t);
 moecal_status moecal_amax_write_hf_config(const char *path, const moecal_amax_meta *m,
                                           const moecal_amax_tables *t);
 moecal_status moecal_amax_write_safetensors(const char *path, const moecal_amax_meta *m,

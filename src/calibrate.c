@@ -935,6 +935,10 @@ moecal_status moecal_calibrate_run(const moecal_comm *c, const moecal_calib_para
                 side_path(p->output, ".quant_summary.txt", path, sizeof path);
                 s = moecal_amax_write_summary(path, &m, j.model, &t);
                 if (s == MOECAL_OK) {
+                    side_path(p->output, ".amax_table.txt", path, sizeof path);
+                    s = moecal_amax_write_table(path, &m, j.model, &t);
+                }
+                if (s == MOECAL_OK) {
                     side_path(p->output, ".hf_quant_config.json", path, sizeof path);
                     s = moecal_amax_write_hf_config(path, &m, &t);
                 }

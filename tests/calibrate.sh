@@ -33,10 +33,15 @@ assert np.array_equal(f["input_amax"][...], f["input_amax_calibrated"][...])
 PY
 
 # Files beside the output.
-for f in topk.quant_summary.txt topk.hf_quant_config.json topk.safetensors; do
+for f in topk.quant_summary.txt topk.amax_table.txt topk.hf_quant_config.json topk.safetensors; do
     [ -s "$TMPDIR/$f" ] || fail "$f missing"
 done
-grep -q "uncalibrated" "$TMPDIR/topk.quant_summary.txt" || fail "summary lists no uncalibrated expert"
+grep -q "uncalibrated" "$TMPDIR/topk.amax_table.txt" || fail "amax table lists no uncalibrated expert"
+# Model-Optimizer's layout: 3 quantizers per linear, 9 per expert, a count
+grep -q "^model.layers.1.mlp.experts.0.up_proj.output_quantizer  *TensorQuantizer(disabled)$" \
+    "$TMPDIR/topk.quant_summary.txt" || fail "quant summary not in Model-Optimizer's layout"
+tail -n 1 "$TMPDIR/topk.quant_summary.txt" | grep -qx "864 TensorQuantizers found in model" ||
+    fail "quant summary: last line $(tail -n 1 "$TMPDIR/topk.quant_summary.txt")"
 grep -q '"quant_algo": "NVFP4"' "$TMPDIR/topk.hf_quant_config.json" || fail "hf_quant_config lacks NVFP4"
 grep -q '"group_size": 16' "$TMPDIR/topk.hf_quant_config.json" || fail "hf_quant_config lacks group_size"
 "$PYTHON3" - "$TMPDIR/topk.safetensors" "$TMPDIR/topk.h5" <<'PY' || fail "amax safetensors wrong"

@@ -12,6 +12,10 @@ CPU divides, which differs in the last bit for some amax: counted and
 printed), then NVFP4QTensor.quantize(weight, 16, weights_scaling_factor_2=
 s2).  Its packed weight and E4M3 block scales must equal DST_DIR's bytes.
 
+With a fourth argument, the quant summary `moecal calibrate` wrote beside
+AMAX.h5 must equal, byte for byte, Model-Optimizer's print_quant_summary
+lines for TensorQuantizers calibrated to the same amax (NVFP4 config).
+
 Exit status 0 pass, 1 fail, 77 when torch or modelopt is missing.
 """
 import os
@@ -35,6 +39,38 @@ import export_ref  # noqa: E402
 def fail(msg):
     print(f"export_modelopt: FAIL: {msg}", file=sys.stderr)
     sys.exit(1)
+
+
+def check_summary(path, fam, layers, amax_path):
+    from modelopt.torch.quantization.nn import TensorQuantizer
+    from modelopt.torch.quantization.config import QuantizerAttributeConfig
+    on = QuantizerAttributeConfig(num_bits=(2, 1), axis=None, enable=True,
+                                  block_sizes={-1: 16, "type": "dynamic", "scale_bits": (4, 3)})
+    q, off = TensorQuantizer(on), TensorQuantizer(QuantizerAttributeConfig(enable=False))
+    with h5py.File(amax_path, "r") as f:
+        iam, wam = f["input_amax"][...], f["weight_amax"][...]
+    order = (0, 1, 2) if fam.model_type == "mixtral" else (0, 2, 1)
+    lines = []
+    for li, L in enumerate(layers):
+        for e in range(fam.E):
+            for p in order:
+                mod = fam.expert_name(L, e, p)[: -len(".weight")]
+                q.amax = torch.tensor(float(iam[li, e, p]), dtype=torch.bfloat16)
+                lines.append(f"{mod + '.input_quantizer':80} {q}")
+                lines.append(f"{mod + '.output_quantizer':80} {off}")
+                q.amax = torch.tensor(float(wam[li, e, p]), dtype=torch.bfloat16)
+                lines.append(f"{mod + '.weight_quantizer':80} {q}")
+    lines.append(f"{len(lines)} TensorQuantizers found in model")
+    want = "\n".join(lines) + "\n"
+    with open(path, encoding="utf-8") as f:
+        got = f.read()
+    if got != want:
+        for i, (a, b) in enumerate(zip(got.splitlines(), want.splitlines())):
+            if a != b:
+                fail(f"{path} line {i + 1}:\n  moecal:         {a}\n  Model-Optimizer: {b}")
+        fail(f"{path}: {len(got.splitlines())} lines, Model-Optimizer {len(lines)}")
+    print(f"export_modelopt: {path}: {len(lines)} lines equal to Model-Optimizer's "
+          "print_quant_summary")
 
 
 def main():
@@ -77,6 +113,8 @@ def main():
                         != s2o.numpy().astype("<f4").tobytes():
                     fail(f"{mod}.weight_scale_2 differs")
                 n += 1
+    if len(sys.argv) > 4:
+        check_summary(sys.argv[4], fam, layers, amax_path)
     print(f"export_modelopt: {dst}: {n} expert projections byte-identical to "
           f"nvidia-modelopt {modelopt.__version__} NVFP4QTensor.quantize (torch "
           f"{torch.__version__}); weight_scale_2 as CUDA computes it (amax x fl32(1/2688)): "
