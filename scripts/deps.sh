@@ -9,7 +9,7 @@ set -eu
 
 pkgs="build-essential autoconf automake libtool pkg-config
 mpich libmpich-dev libhdf5-mpich-dev hdf5-tools libhwloc-dev hwloc
-libopenblas-dev libjansson-dev libinih-dev libcmocka-dev
+libopenblas-dev libjansson-dev libcmocka-dev
 python3 python3-venv python3-h5py python3-numpy python3-matplotlib"
 print_only=no
 for a in "$@"; do

@@ -12,6 +12,7 @@
  * before anything is cleaned up.
  */
 #include "config.h"
+#include "util.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -639,6 +640,8 @@ moecal_status moecal_act_open(const char *path, MPI_Comm comm, moecal_act **out)
         return moecal_error_set(MOECAL_ERR_NOMEM, "%s: out of memory", path);
     }
     a->file = a->dxpl = a->mem_bf16 = -1;
+    if ((st = moecal_check_regular(path, "the activation file")) != MOECAL_OK)
+        goto fail;
     is = H5Fis_hdf5(path);
     if (is <= 0) {
         if (is < 0)

@@ -1,5 +1,6 @@
 /* amaxfile.c - write amax.h5 with parallel HDF5, and the files beside it. */
 #include "config.h"
+#include "util.h"
 
 #include <errno.h>
 #include <hdf5.h>
@@ -488,6 +489,7 @@ moecal_status moecal_amax_read_checkpoint(const char *path, uint64_t input_hash,
     hsize_t dim4[4] = {L, C, E, 3}, st4[4] = {0, 0, x0, 0}, ct4[4] = {L, C, n, 3};
     hsize_t dimt[3] = {L, C, E}, stt[3] = {0, 0, x0}, ctt[3] = {L, C, n};
 
+    MOECAL_TRY(moecal_check_regular(path, "the checkpoint"));
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
     f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
     if (f < 0)

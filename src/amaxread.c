@@ -1,5 +1,6 @@
 /* amaxread.c - read and validate a finished amax.h5 (serial HDF5); see amaxread.h. */
 #include "config.h"
+#include "util.h"
 
 #include <errno.h>
 #include <hdf5.h>
@@ -82,6 +83,7 @@ static moecal_status attr_str(hid_t f, const char *path, const char *name, int r
         }
         H5Tset_size(mt, n + 1);
         H5Tset_strpad(mt, H5T_STR_NULLTERM);
+        H5Tset_cset(mt, H5Tget_cset(t)); /* ASCII or UTF-8: HDF5 converts neither way */
         memset(buf, 0, len);
         if (H5Aread(a, mt, buf) < 0)
             s = moecal_error_set(MOECAL_ERR_HDF5, "%s: cannot read attribute '%s'", path, name);
@@ -513,6 +515,8 @@ moecal_status moecal_amax_data_read(const char *path, unsigned what, moecal_amax
      * becomes one message that names the file and the dataset. */
     H5Eget_auto2(H5E_DEFAULT, &old_func, &old_data);
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    if ((s = moecal_check_regular(path, "the amax file")) != MOECAL_OK)
+        goto out;
     is = H5Fis_hdf5(path);
     if (is <= 0) {
         s = moecal_error_set(MOECAL_ERR_FORMAT, "%s: not an HDF5 file", path);

@@ -9,6 +9,7 @@
  * by their root attribute `format`.
  */
 #include "config.h"
+#include "util.h"
 
 #include <errno.h>
 #include <math.h>
@@ -227,6 +228,8 @@ static moecal_status load_index(ckpt *c)
                              ipath, (long long)st.st_size);
         goto out;
     }
+    if ((s = moecal_check_regular(ipath, "the index")) != MOECAL_OK)
+        goto out;
     c->index = json_load_file(ipath, JSON_REJECT_DUPLICATES, &jerr);
     if (!c->index) {
         s = moecal_error_set(MOECAL_ERR_FORMAT, "%s: line %d: %s", ipath, jerr.line, jerr.text);

@@ -8,6 +8,7 @@
  * several threads (say, a prefetch thread and the compute thread).
  */
 #include "config.h"
+#include "util.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -217,10 +218,10 @@ static moecal_status read_small_file(const char *path, size_t limit, char **out,
     struct stat st;
     size_t got = 0;
     char *buf;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd;
 
-    if (fd < 0)
-        return moecal_error_errno(errno, "%s: cannot open", path);
+    if (moecal_open_regular(path, "the file", &fd) != MOECAL_OK)
+        return moecal_error_code();
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || (uint64_t)st.st_size > limit) {
         int e = errno;
         bool big = S_ISREG(st.st_mode) && (uint64_t)st.st_size > limit;

@@ -3,17 +3,20 @@
 
 #include <ctype.h>
 #include <errno.h>
-#include <ini.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "options.h"
+#include "util.h"
 
 /* Subcommands whose sections a conf file may hold. */
 static const char *const known_sections[] = {
-    "calibrate", "synth", "inspect", "topo", "compare", "report", NULL
+    "calibrate", "synth", "inspect", "topo", "compare", "report", "export", NULL
 };
 
 typedef enum { SRC_UNSET = 0, SRC_DEFAULT, SRC_FILE, SRC_ENV, SRC_CLI } opt_source;
@@ -190,72 +193,132 @@ static moecal_status set_value(moecal_opts *o, int idx, const char *v, opt_sourc
 
 typedef struct conf_ctx {
     moecal_opts *o;
-    FILE *fp;
     const char *path;
-    int line;            /* line being parsed, counted by conf_reader */
-    moecal_status status;
+    int line;            /* line being parsed */
 } conf_ctx;
 
-static char *conf_reader(char *buf, int size, void *stream)
+/* One "key = value" of section (empty before any section). */
+static moecal_status conf_entry(conf_ctx *c, const char *section, const char *name,
+                                const char *value)
 {
-    conf_ctx *c = stream;
-    char *r = fgets(buf, size, c->fp);
-    if (r)
-        c->line++;
-    return r;
-}
-
-static int conf_handler(void *user, const char *section, const char *name, const char *value)
-{
-    conf_ctx *c = user;
     moecal_opts *o = c->o;
-    char where[512];
+    char where[4200];
     int idx;
     bool known = false;
 
-    if (c->status != MOECAL_OK)
-        return 0;
     if (section[0] != '\0' && strcmp(section, o->cmd) != 0) {
         for (int i = 0; known_sections[i]; i++)
             known = known || strcmp(section, known_sections[i]) == 0;
-        if (!known) {
-            c->status = moecal_error_set(MOECAL_ERR_USAGE,
-                                         "%s:%d: unknown section [%s] (sections are named "
-                                         "after subcommands: [calibrate], [synth], ...)",
-                                         c->path, c->line, section);
-            return 0;
-        }
-        return 1; /* another subcommand's settings */
+        if (!known)
+            return moecal_error_set(MOECAL_ERR_USAGE,
+                                    "%s:%d: unknown section [%s] (sections are named after "
+                                    "subcommands: [calibrate], [synth], ...)",
+                                    c->path, c->line, section);
+        return MOECAL_OK; /* another subcommand's settings */
     }
     idx = find_def(o->defs, o->ndefs, name, strlen(name));
-    if (idx < 0 || (o->defs[idx].flags & MOECAL_OPTF_NOCONF)) {
-        c->status = moecal_error_set(MOECAL_ERR_USAGE,
-                                     "%s:%d: unknown key '%s' for 'moecal %s' (see 'moecal %s "
-                                     "--help')", c->path, c->line, name, o->cmd, o->cmd);
-        return 0;
-    }
+    if (idx < 0 || (o->defs[idx].flags & MOECAL_OPTF_NOCONF))
+        return moecal_error_set(MOECAL_ERR_USAGE,
+                                "%s:%d: unknown key '%s' for 'moecal %s' (see 'moecal %s "
+                                "--help')", c->path, c->line, name, o->cmd, o->cmd);
     snprintf(where, sizeof where, "%s:%d", c->path, c->line);
-    c->status = set_value(o, idx, value, SRC_FILE, where);
-    return c->status == MOECAL_OK;
+    return set_value(o, idx, value, SRC_FILE, where);
 }
 
+static char *trim(char *a)
+{
+    char *e;
+    while (isspace((unsigned char)*a))
+        a++;
+    e = a + strlen(a);
+    while (e > a && isspace((unsigned char)e[-1]))
+        *--e = '\0';
+    return a;
+}
+
+/* The INI files moecal reads: "[section]", "key = value" (or "key: value"),
+ * comment lines starting with ';' or '#', inline comments after " ;".
+ * Lines of any length (HPC paths are long).  The file must be a regular
+ * file (a FIFO or a device would block or never end) of at most 1 MB. */
 static moecal_status read_conf(moecal_opts *o, const char *path)
 {
-    conf_ctx c = {.o = o, .path = path, .line = 0, .status = MOECAL_OK};
-    int rc;
+    conf_ctx c = {.o = o, .path = path, .line = 0};
+    char section[256] = "", *buf = NULL;
+    size_t cap = 0;
+    ssize_t n;
+    moecal_status st = MOECAL_OK;
+    struct stat sb;
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    FILE *fp;
 
-    c.fp = fopen(path, "r");
-    if (!c.fp)
+    if (fd < 0)
         return moecal_error_set(MOECAL_ERR_USAGE, "%s: cannot open conf file: %s", path,
                                 strerror(errno));
-    rc = ini_parse_stream(conf_reader, &c, conf_handler, &c);
-    fclose(c.fp);
-    if (c.status != MOECAL_OK)
-        return c.status;
-    if (rc != 0)
-        return moecal_error_set(MOECAL_ERR_USAGE, "%s:%d: syntax error (expected 'key = value' "
-                                "or '[section]')", path, rc);
-    return MOECAL_OK;
+    if (fstat(fd, &sb) != 0) {
+        st = moecal_error_set(MOECAL_ERR_USAGE, "%s: cannot stat conf file: %s", path,
+                              strerror(errno));
+    } else if (!S_ISREG(sb.st_mode)) {
+        st = moecal_error_set(MOECAL_ERR_USAGE, "%s: the conf file is %s, not a regular file",
+                              path, moecal_file_kind(sb.st_mode));
+    } else if (sb.st_size > (1 << 20)) {
+        st = moecal_error_set(MOECAL_ERR_USAGE, "%s: conf file of %lld bytes (at most 1 MB)",
+                              path, (long long)sb.st_size);
+    }
+    if (st != MOECAL_OK) {
+        close(fd);
+        return st;
+    }
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+    if (!(fp = fdopen(fd, "r"))) {
+        close(fd);
+        return moecal_error_set(MOECAL_ERR_USAGE, "%s: cannot read conf file: %s", path,
+                                strerror(errno));
+    }
+    while (st == MOECAL_OK && (n = getline(&buf, &cap, fp)) >= 0) {
+        char *l = buf, *eq, *sc;
+        c.line++;
+        if ((size_t)n != strlen(buf)) {
+            st = moecal_error_set(MOECAL_ERR_USAGE, "%s:%d: a NUL byte (not a text file?)",
+                                  path, c.line);
+            break;
+        }
+        if (c.line == 1 && strncmp(l, "\xEF\xBB\xBF", 3) == 0)
+            l += 3; /* UTF-8 byte order mark */
+        l = trim(l);
+        if (*l == '\0' || *l == ';' || *l == '#')
+            continue;
+        /* inline comment: ';' after whitespace */
+        for (sc = l + 1; *sc; sc++)
+            if (*sc == ';' && isspace((unsigned char)sc[-1])) {
+                *sc = '\0';
+                break;
+            }
+        l = trim(l);
+        if (*l == '[') {
+            char *close = strchr(l, ']');
+            if (!close || trim(close + 1)[0] != '\0') {
+                st = moecal_error_set(MOECAL_ERR_USAGE, "%s:%d: syntax error (a section is "
+                                      "'[name]')", path, c.line);
+                break;
+            }
+            *close = '\0';
+            snprintf(section, sizeof section, "%s", trim(l + 1));
+            continue;
+        }
+        eq = l + strcspn(l, "=:");
+        if (*eq == '\0' || eq == l) {
+            st = moecal_error_set(MOECAL_ERR_USAGE, "%s:%d: syntax error (expected 'key = "
+                                  "value' or '[section]')", path, c.line);
+            break;
+        }
+        *eq = '\0';
+        st = conf_entry(&c, section, trim(l), trim(eq + 1));
+    }
+    if (st == MOECAL_OK && ferror(fp))
+        st = moecal_error_set(MOECAL_ERR_USAGE, "%s: read error: %s", path, strerror(errno));
+    free(buf);
+    fclose(fp);
+    return st;
 }
 
 /* ---------------------------------------------------------------- parsing */

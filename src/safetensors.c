@@ -620,9 +620,10 @@ moecal_status moecal_st_open(const char *path, uint64_t max_header, moecal_st_fi
     if (stat(path, &sb) == 0 && !S_ISREG(sb.st_mode))
         return S_ISDIR(sb.st_mode) ? moecal_error_errno(EISDIR, "%s: cannot read", path)
                                    : fmt_err(path, "not a regular file");
-    fd = open(path, O_RDONLY | O_CLOEXEC);
+    fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY); /* never blocks on a FIFO */
     if (fd < 0)
         return moecal_error_errno(errno, "%s: cannot open", path);
+    (void)fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
     if (fstat(fd, &sb) != 0) {
         st = moecal_error_errno(errno, "%s: cannot stat", path);
         close(fd);

@@ -31,6 +31,19 @@ expect_msg "badsec.conf:2: unknown section \[calibrat\]"
 printf 'no equals sign here\n' >"$TMPDIR/syntax.conf"
 expect_fail 2 "$MOECAL" calibrate --config "$TMPDIR/syntax.conf"
 expect_msg "syntax.conf:1: syntax error"
+# Conf lines of any length (long HPC paths), the right line for an error,
+# a directory refused.
+long=/scratch/$(printf 'p%.0s' $(seq 1 700))/model
+printf '; long\n[calibrate]\nmodel = %s ; inline comment\nchunk-tokens = 12x\n' "$long" \
+    >"$TMPDIR/long.conf"
+expect_fail 2 "$MOECAL" calibrate --config "$TMPDIR/long.conf"
+expect_msg "long.conf:4: option 'chunk-tokens' takes an integer"
+printf '[calibrate]\nmodel = %s ; inline comment\n' "$long" >"$TMPDIR/long.conf"
+"$MOECAL" calibrate --config "$TMPDIR/long.conf" --print-config >"$TMPDIR/pc" ||
+    fail "a long conf line refused"
+grep -q "^model  *= $long  *# .*long.conf:2" "$TMPDIR/pc" || fail "long value not read whole"
+expect_fail 2 "$MOECAL" calibrate --config "$TMPDIR"
+expect_msg "the conf file is a directory, not a regular file"
 expect_fail 2 "$MOECAL" frobnicate
 expect_msg "unknown command 'frobnicate'"
 

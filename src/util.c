@@ -1,0 +1,63 @@
+/* util.c - small helpers shared by every module (see util.h). */
+#include "config.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "util.h"
+
+const char *moecal_file_kind(mode_t mode)
+{
+    if (S_ISREG(mode))
+        return "a regular file";
+    if (S_ISDIR(mode))
+        return "a directory";
+    if (S_ISFIFO(mode))
+        return "a FIFO";
+    if (S_ISCHR(mode))
+        return "a character device";
+    if (S_ISBLK(mode))
+        return "a block device";
+    if (S_ISSOCK(mode))
+        return "a socket";
+    if (S_ISLNK(mode))
+        return "a symbolic link";
+    return "not a file";
+}
+
+moecal_status moecal_check_regular(const char *path, const char *role)
+{
+    struct stat st;
+
+    if (stat(path, &st) != 0)
+        return moecal_error_errno(errno, "%s: cannot open %s", path, role);
+    if (!S_ISREG(st.st_mode))
+        return moecal_error_set(MOECAL_ERR_FORMAT, "%s: %s is %s, not a regular file", path,
+                                role, moecal_file_kind(st.st_mode));
+    return MOECAL_OK;
+}
+
+moecal_status moecal_open_regular(const char *path, const char *role, int *fd)
+{
+    struct stat st;
+    int f = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+
+    *fd = -1;
+    if (f < 0)
+        return moecal_error_errno(errno, "%s: cannot open %s", path, role);
+    if (fstat(f, &st) != 0) {
+        int e = errno;
+        close(f);
+        return moecal_error_errno(e, "%s: cannot stat %s", path, role);
+    }
+    if (!S_ISREG(st.st_mode)) {
+        close(f);
+        return moecal_error_set(MOECAL_ERR_FORMAT, "%s: %s is %s, not a regular file", path,
+                                role, moecal_file_kind(st.st_mode));
+    }
+    (void)fcntl(f, F_SETFL, fcntl(f, F_GETFL) & ~O_NONBLOCK);
+    *fd = f;
+    return MOECAL_OK;
+}

@@ -1,0 +1,22 @@
+/* util.h - small helpers shared by every module (no MPI). */
+#ifndef MOECAL_UTIL_H
+#define MOECAL_UTIL_H
+
+#include <sys/types.h>
+
+#include "error.h"
+
+/* "a directory", "a FIFO", "a character device", ... for a stat mode. */
+const char *moecal_file_kind(mode_t mode);
+
+/* Every file moecal reads goes through these, so that a FIFO, a device or a
+ * directory never blocks a rank or reads forever.  path must name a regular
+ * file (symbolic links followed); otherwise MOECAL_ERR_FORMAT "PATH: ROLE is
+ * a FIFO, not a regular file" (exit 3), or MOECAL_ERR_IO with errno's reason
+ * (missing, a symbolic link loop, no permission: exit 4). */
+moecal_status moecal_check_regular(const char *path, const char *role);
+/* The same, race-free: open read-only without blocking (a FIFO with no
+ * writer), check with fstat, then clear O_NONBLOCK.  *fd on success. */
+moecal_status moecal_open_regular(const char *path, const char *role, int *fd);
+
+#endif
