@@ -131,6 +131,9 @@ int moecal_cmd_calibrate(int argc, char **argv)
         moecal_opts_free(o);
         return 0;
     }
+    /* every rank must resolve the same settings (an environment that
+     * differs between nodes); --print-config then shows the job's */
+    moecal_opts_agree(o);
     if (moecal_opts_print_config(o)) {
         if (moecal_world_rank() == 0) {
             moecal_opts_dump(o, stdout);

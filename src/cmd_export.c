@@ -54,6 +54,7 @@ int moecal_cmd_export(int argc, char **argv)
         moecal_opts_free(o);
         return 0;
     }
+    moecal_opts_agree(o);
     if (moecal_opts_print_config(o)) {
         if (moecal_world_rank() == 0)
             moecal_opts_dump(o, stdout);

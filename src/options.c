@@ -590,6 +590,60 @@ void moecal_opts_usage(const char *cmd, const moecal_optdef *defs, const char *p
     fprintf(fp, "  %-34s %s\n", "-h, --help", "print this help and exit");
 }
 
+char *moecal_opts_serialize(const moecal_opts *o, size_t *len)
+{
+    size_t n = 0;
+    char *buf, *p;
+
+    for (int i = 0; i < o->ndefs; i++)
+        n += strlen(o->defs[i].name) + 1 + (o->val[i].text ? strlen(o->val[i].text) : 1) + 1;
+    if (!(buf = malloc(n ? n : 1)))
+        return NULL;
+    p = buf;
+    for (int i = 0; i < o->ndefs; i++) {
+        const char *v = o->val[i].text ? o->val[i].text : "\1";
+        size_t a = strlen(o->defs[i].name) + 1, b = strlen(v) + 1;
+        memcpy(p, o->defs[i].name, a);
+        memcpy(p + a, v, b);
+        p += a + b;
+    }
+    *len = n;
+    return buf;
+}
+
+moecal_status moecal_opts_compare(const moecal_opts *o, const char *ser, size_t len,
+                                  const char *who)
+{
+    size_t off = 0;
+
+    for (int i = 0; i < o->ndefs; i++) {
+        const char *name = ser + off, *v;
+        size_t a, b;
+        if (off >= len || !memchr(ser + off, '\0', len - off))
+            break;
+        a = strlen(name) + 1;
+        if (off + a >= len || !memchr(ser + off + a, '\0', len - off - a))
+            break;
+        v = ser + off + a;
+        b = strlen(v) + 1;
+        off += a + b;
+        if (strcmp(name, o->defs[i].name) != 0)
+            break;
+        const char *mine = o->val[i].text ? o->val[i].text : "\1";
+        if (strcmp(mine, v) != 0)
+            return moecal_error_set(MOECAL_ERR_USAGE,
+                                    "option '%s' is '%s' here (%s) but '%s' on %s: every rank "
+                                    "must see the same settings (environment, conf file)",
+                                    name, o->val[i].text ? o->val[i].text : "unset",
+                                    o->val[i].source == SRC_UNSET ? "unset" : o->val[i].where,
+                                    v[0] == '\1' ? "unset" : v, who);
+    }
+    if (off != len)
+        return moecal_error_set(MOECAL_ERR_USAGE, "the options differ from %s's (another "
+                                "moecal version?)", who);
+    return MOECAL_OK;
+}
+
 void moecal_opts_dump(const moecal_opts *o, FILE *fp)
 {
     fprintf(fp, "# moecal %s: effective settings\n", o->cmd);

@@ -73,6 +73,15 @@ void moecal_opts_usage(const char *cmd, const moecal_optdef *defs,
                        const char *positional_usage, const char *summary, FILE *fp);
 void moecal_opts_dump(const moecal_opts *o, FILE *fp);   /* --print-config */
 
+/* The effective values as one buffer ("name\0value\0" per option, unset
+ * as "\1"), to compare what ranks resolved; free() it. */
+char *moecal_opts_serialize(const moecal_opts *o, size_t *len);
+/* MOECAL_OK when ser (another rank's serialization) holds the same values;
+ * else MOECAL_ERR_USAGE naming the first option that differs, this rank's
+ * value and source and the other's value (who names the other rank). */
+moecal_status moecal_opts_compare(const moecal_opts *o, const char *ser, size_t len,
+                                  const char *who);
+
 #ifdef __cplusplus
 }
 #endif

@@ -9,6 +9,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "options.h"
 #include "runtime.h"
 
 static int world_rank = 0;
@@ -125,6 +126,36 @@ void moecal_check_all(moecal_status local)
     }
     moecal_runtime_finalize();
     exit(red[1] ? red[1] : MOECAL_EXIT_FAILURE);
+}
+
+void moecal_opts_agree(const moecal_opts *o)
+{
+    moecal_status s = MOECAL_OK;
+    size_t len = 0;
+    char *ser = NULL;
+    int n = 0;
+
+    if (!mpi_started || world_size == 1)
+        return;
+    if (world_rank == 0) {
+        ser = moecal_opts_serialize(o, &len);
+        n = ser && len < (size_t)1 << 30 ? (int)len : -1;
+    }
+    if (MPI_Bcast(&n, 1, MPI_INT, 0, MPI_COMM_WORLD) != MPI_SUCCESS)
+        moecal_fatal(moecal_error_set(MOECAL_ERR_MPI, "MPI_Bcast of the settings failed"));
+    if (n < 0) {
+        free(ser);
+        moecal_check_all(moecal_error_set(MOECAL_ERR_NOMEM, "out of memory for the settings"));
+        return;
+    }
+    if (world_rank != 0 && !(ser = malloc((size_t)n + 1)))
+        moecal_fatal(moecal_error_set(MOECAL_ERR_NOMEM, "out of memory for the settings"));
+    if (MPI_Bcast(ser, n, MPI_CHAR, 0, MPI_COMM_WORLD) != MPI_SUCCESS)
+        moecal_fatal(moecal_error_set(MOECAL_ERR_MPI, "MPI_Bcast of the settings failed"));
+    if (world_rank != 0)
+        s = moecal_opts_compare(o, ser, (size_t)n, "rank 0");
+    free(ser);
+    moecal_check_all(s);
 }
 
 void moecal_set_verbosity(int rank0_level, int all_level)

@@ -36,6 +36,12 @@ _Noreturn void moecal_fatal_all(moecal_status s);
  * rank's exit code, without MPI_Abort.  Returns only when all ranks are OK. */
 void moecal_check_all(moecal_status local);
 
+/* Collective over MPI_COMM_WORLD: every rank resolved the same settings
+ * (rank 0's are the reference); if not, the ranks that differ name the
+ * option and every rank exits with status 2. */
+struct moecal_opts;
+void moecal_opts_agree(const struct moecal_opts *o);
+
 void moecal_set_verbosity(int rank0_level, int all_level);
 int moecal_verbosity(void);
 void moecal_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

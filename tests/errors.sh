@@ -51,4 +51,14 @@ expect_msg "unknown command 'frobnicate'"
 [ "$MPIEXEC" != no ] || skip "no MPI launcher"
 expect_fail 2 $MPIEXEC -n 3 "$MOECAL" calibrate --bogus
 [ "$(grep -c "unknown option '--bogus'" "$TMPDIR/stderr")" = 1 ] || fail "expected one message from rank 0"
+
+# Ranks that see different settings (an environment that differs between
+# nodes) stop at once, naming the option, even for --print-config.
+printf '#!/bin/sh\n[ "${PMI_RANK:-0}" = 1 ] && export MOECAL_CHUNK_TOKENS=512 MOECAL_THREADS=3\nexec "$@"\n' \
+    >"$TMPDIR/envdiff.sh"
+chmod +x "$TMPDIR/envdiff.sh"
+expect_fail 2 $MPIEXEC -n 3 "$TMPDIR/envdiff.sh" "$MOECAL" calibrate --print-config
+expect_msg "rank 1 .*option 'chunk-tokens' is '512' here \(environment \(MOECAL_CHUNK_TOKENS\)\) but '4096' on rank 0"
+expect_fail 2 $MPIEXEC -n 2 "$TMPDIR/envdiff.sh" "$MOECAL" export -m x --amax y -o z
+expect_msg "option .threads. is .3. here"
 exit 0
