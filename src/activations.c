@@ -439,6 +439,22 @@ static moecal_status open_layer(moecal_act *a, hid_t layers_g, hid_t lapl,
                               (unsigned long long)dims[1], INT_MAX);
         goto out;
     }
+    /* A chunked dataset whose chunks were never written (a capture that
+     * died after creating it) reads as zeros: input amax 0, scale 0. */
+    {
+        H5D_space_status_t ss;
+        if (H5Dget_space_status(d, &ss) >= 0 && ss != H5D_SPACE_STATUS_ALLOCATED &&
+            H5Pget_layout(dcpl) == H5D_CHUNKED) {
+            st = moecal_error_set(MOECAL_ERR_FORMAT,
+                                  "%s: dataset /layers/%s/hidden has %llu rows of which %s "
+                                  "written (a capture that stopped early?); unwritten rows "
+                                  "would read as zeros", a->path, name,
+                                  (unsigned long long)dims[0],
+                                  ss == H5D_SPACE_STATUS_NOT_ALLOCATED ? "none were"
+                                                                       : "only some were");
+            goto out;
+        }
+    }
     *dt = classify_float(type);
     if (*dt == MOECAL_DT_UNKNOWN) {
         describe_type(type, what, sizeof what);

@@ -487,6 +487,34 @@ static void unpin_all(chunk_pipe *pp)
     pp->npinned = 0;
 }
 
+/* Collective: say which layers end with experts whose input amax is 0 (no
+ * token reached them: every row of the layer skipped as non-finite, or all
+ * zero).  Their input scale is 0, which no engine can serve (export refuses
+ * it), so it is never written silently. */
+static void warn_zero_amax(const job *j, const int64_t *skipped)
+{
+    int64_t *zero = calloc((size_t)j->L, sizeof *zero), *tot = calloc((size_t)j->L, sizeof *tot);
+
+    if (zero && tot) {
+        for (int li = 0; li < j->L; li++)
+            for (int k = 0; k < j->n; k++) {
+                const float *a = &j->amax_final[((size_t)li * (size_t)j->n + (size_t)k) * 3];
+                zero[li] += a[0] == 0.0f || a[1] == 0.0f || a[2] == 0.0f;
+            }
+        if (MPI_Reduce(zero, tot, j->L, MPI_INT64_T, MPI_SUM, 0, j->c->world) == MPI_SUCCESS &&
+            j->c->rank == 0)
+            for (int li = 0; li < j->L; li++)
+                if (tot[li] > 0)
+                    moecal_warn("layer %d: %lld of %d experts have input amax 0 (no token reached "
+                                "them; %lld of %lld rows were skipped as non-finite): their "
+                                "input scale is 0, which no engine can serve, and `moecal "
+                                "export` refuses it", j->layers[li], (long long)tot[li], j->E,
+                                skipped ? (long long)skipped[li] : 0LL, (long long)j->T);
+    }
+    free(zero);
+    free(tot);
+}
+
 moecal_status moecal_calibrate_run(const moecal_comm *c, const moecal_calib_params *p)
 {
     job j = {0};
@@ -503,6 +531,7 @@ moecal_status moecal_calibrate_run(const moecal_comm *c, const moecal_calib_para
     progress pg = {0};
     double t_start, t_compute = 0, t_load = 0;
     int64_t nskipped = 0, first_step = 0, nsteps;
+    int64_t *layer_skipped = NULL;   /* rows skipped per layer (rank 0's count) */
     int lock_fd = -1;
     moecal_amax_meta m = {0};
     int64_t *cstart = NULL, *ccount = NULL;
@@ -556,6 +585,7 @@ moecal_status moecal_calibrate_run(const moecal_comm *c, const moecal_calib_para
                                   &j.L);
     if (s != MOECAL_OK)
         moecal_fatal_all(s);
+    layer_skipped = calloc((size_t)j.L, sizeof *layer_skipped);
     if (c->rank == 0)
         s = check_inputs(&j, act_path);
     moecal_check_all(s);
@@ -764,6 +794,8 @@ moecal_status moecal_calibrate_run(const moecal_comm *c, const moecal_calib_para
             }
             chunk_finish(&pp, &cs, &t_compute);
             nskipped += ch.nskipped;
+            if (layer_skipped)
+                layer_skipped[li] += ch.nskipped;
             for (int k = 0; k < j.n; k++)
                 if (isnan(cs.amax_h[k]) || isinf(cs.amax_h[k]))
                     moecal_fatal(moecal_error_set(MOECAL_ERR_NONFINITE,
@@ -877,6 +909,7 @@ moecal_status moecal_calibrate_run(const moecal_comm *c, const moecal_calib_para
             }
         free(peer);
         MOECAL_MPI_CHECK(MPI_Reduce(counts, total, 2, MPI_LONG_LONG, MPI_SUM, 0, c->world));
+        warn_zero_amax(&j, layer_skipped);
         if (p->all_experts)
             moecal_log(MOECAL_LOG_INFO, "# all-experts mode: no peer-max sync; %lld experts "
                        "never saw a token", total[1]);
@@ -974,6 +1007,7 @@ moecal_status moecal_calibrate_run(const moecal_comm *c, const moecal_calib_para
     free(cs.amax_x);
     free(cs.amax_h);
     pipe_free(&pp);
+    free(layer_skipped);
     job_free(&j);
     unlock_output(p->output, lock_fd);
     return MOECAL_OK;

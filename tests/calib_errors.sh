@@ -70,4 +70,44 @@ PY
 expect_fail 3 $MPIEXEC -n 2 "$MOECAL" calibrate --backend cpu -m "$TMPDIR/nan" -o "$TMPDIR/x.h5"
 expect_msg "token 17"
 run_mpi 2 "$MOECAL" calibrate --backend cpu --nonfinite skip -m "$TMPDIR/nan" -o "$TMPDIR/skip.h5" --quiet
+
+# No silent zero scales.  A layer whose dataset was created but never (or
+# only partly) written reads as zeros: refused.  A layer whose every row is
+# skipped as non-finite ends with input amax 0: warned, naming the layer and
+# the count, and export refuses the file.
+for part in none some; do
+    cp -r "$TMPDIR/tiny" "$TMPDIR/unw-$part"
+    "$PYTHON3" - "$TMPDIR/unw-$part/activations.h5" $part <<'PY' || fail "cannot rewrite"
+import sys, h5py
+f = h5py.File(sys.argv[1], "r+")
+name = sorted(f["layers"].keys(), key=int)[0]
+d = f[f"layers/{name}/hidden"]
+shape, x = d.shape, d.astype("float32")[...]
+del f[f"layers/{name}/hidden"]
+n = f.create_dataset(f"layers/{name}/hidden", shape=shape, dtype="float32", chunks=(16, shape[1]))
+if sys.argv[2] == "some":
+    n[:32] = x[:32]
+PY
+    expect_fail 3 $MPIEXEC -n 2 "$MOECAL" calibrate --backend cpu -m "$TMPDIR/unw-$part" \
+        -o "$TMPDIR/unw.h5"
+    expect_msg "layers/1/hidden has 256 rows of which (only )?$part.* written"
+    [ ! -e "$TMPDIR/unw.h5" ] || fail "output written from an unwritten layer"
+done
+cp -r "$TMPDIR/tiny" "$TMPDIR/allnan"
+"$PYTHON3" - "$TMPDIR/allnan/activations.h5" <<'PY' || fail "cannot plant NaN"
+import sys, h5py, numpy as np
+f = h5py.File(sys.argv[1], "r+")
+d = f["layers/1/hidden"]
+x = d.astype("float32")[...]
+x[:, 3] = np.nan
+d[...] = x
+PY
+run_mpi 2 "$MOECAL" calibrate --backend cpu --nonfinite skip -m "$TMPDIR/allnan" \
+    -o "$TMPDIR/allnan.h5" --quiet 2>"$TMPDIR/stderr"
+grep -q "layer 1: 8 of 8 experts have input amax 0 .*256 of 256 rows were skipped" \
+    "$TMPDIR/stderr" || fail "no warning for a layer with no token: $(cat "$TMPDIR/stderr")"
+expect_fail 3 $MPIEXEC -n 2 "$MOECAL" export -m "$TMPDIR/allnan" --amax "$TMPDIR/allnan.h5" \
+    -o "$TMPDIR/allnan-out"
+expect_msg "input amax 0: no token reached it"
+[ ! -e "$TMPDIR/allnan-out" ] || fail "export wrote a checkpoint with zero input scales"
 exit 0
