@@ -5,6 +5,7 @@
 #endif
 #include "config.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -274,10 +275,21 @@ static uint64_t input_hash(const job *j, const char *act_path)
     return h;
 }
 
+/* The lock file of this process, removed at exit whatever the way out (a
+ * failed run leaves none behind; the kernel drops the lock itself). */
+static char held_lock[4200];
+
+static void drop_lock(void)
+{
+    if (held_lock[0])
+        unlink(held_lock);
+}
+
 /* One job per output: a POSIX lock on OUT.lock, held by rank 0 until exit
  * (the kernel drops it when the process dies, so no stale locks). */
 static moecal_status lock_output(const char *out, int *fd_out)
 {
+    static int registered;
     char path[4200];
     struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET};
     int fd;
@@ -292,6 +304,9 @@ static moecal_status lock_output(const char *out, int *fd_out)
                                 "(%s is locked)", out, path);
     }
     *fd_out = fd;
+    snprintf(held_lock, sizeof held_lock, "%s", path);
+    if (!registered)
+        registered = atexit(drop_lock) == 0;
     return MOECAL_OK;
 }
 
@@ -302,7 +317,73 @@ static void unlock_output(const char *out, int fd)
         return;
     snprintf(path, sizeof path, "%s.lock", out);
     unlink(path);
+    held_lock[0] = '\0';
     close(fd);
+}
+
+/* The files beside OUT, in the order they are written and renamed. */
+static const char *const side_suffix[] = {".quant_summary.txt", ".amax_table.txt",
+                                          ".hf_quant_config.json", ".safetensors"};
+enum { N_SIDE = 4, LONGEST_SUFFIX = 26 /* ".quant_summary.txt.tmp.tmp" */ };
+
+/* Rank 0, before anything is read: the output names are usable, and no
+ * output or side file is one of the inputs. */
+static moecal_status check_output(const moecal_calib_params *p, const char *act)
+{
+    const char *out = p->output, *base;
+    char path[4200], dir[4200];
+    struct stat so, si;
+    size_t n = strlen(out);
+
+    if (n == 0)
+        return moecal_error_set(MOECAL_ERR_USAGE, "command line: -o/--output is empty");
+    if (n + LONGEST_SUFFIX >= 4096)
+        return moecal_error_set(MOECAL_ERR_USAGE, "command line: the output path has %zu "
+                                "characters; with the side files' suffixes it must stay under "
+                                "4096 (at most %d)", n, 4095 - LONGEST_SUFFIX);
+    base = strrchr(out, '/') ? strrchr(out, '/') + 1 : out;
+    if (strlen(base) + LONGEST_SUFFIX > 255)
+        return moecal_error_set(MOECAL_ERR_USAGE, "command line: the output file name has %zu "
+                                "characters; with the side files' suffixes it must stay within "
+                                "255 (at most %d)", strlen(base), 255 - LONGEST_SUFFIX);
+    if (stat(out, &so) == 0 && S_ISDIR(so.st_mode))
+        return moecal_error_set(MOECAL_ERR_EXISTS, "%s is a directory; the output is a file",
+                                out);
+    snprintf(dir, sizeof dir, "%.*s", base == out ? 1 : (int)(base - out), base == out ? "." : out);
+    if (stat(dir, &si) != 0 || !S_ISDIR(si.st_mode))
+        return moecal_error_errno(errno ? errno : ENOTDIR, "%s: the output's directory %s",
+                                  out, dir);
+    if (access(dir, W_OK) != 0)
+        return moecal_error_errno(errno, "%s: cannot write in %s", out, dir);
+    /* every file this run writes against every input file */
+    for (int k = -2; k < N_SIDE; k++) {
+        if (k == -2)
+            snprintf(path, sizeof path, "%s", out);
+        else if (k == -1)
+            snprintf(path, sizeof path, "%s.lock", out);
+        else
+            side_path(out, side_suffix[k], path, sizeof path);
+        if (stat(path, &so) != 0)
+            continue;
+        if (stat(act, &si) == 0 && si.st_dev == so.st_dev && si.st_ino == so.st_ino)
+            return moecal_error_set(MOECAL_ERR_USAGE, "command line: -o %s would overwrite "
+                                    "%s, the activation file", out, path);
+        DIR *d = p->model_dir ? opendir(p->model_dir) : NULL;
+        struct dirent *de;
+        while (d && (de = readdir(d)) != NULL) {
+            char in[4200];
+            snprintf(in, sizeof in, "%s/%s", p->model_dir, de->d_name);
+            if (stat(in, &si) == 0 && S_ISREG(si.st_mode) && si.st_dev == so.st_dev &&
+                si.st_ino == so.st_ino) {
+                closedir(d);
+                return moecal_error_set(MOECAL_ERR_USAGE, "command line: -o %s would overwrite "
+                                        "%s of the model", out, in);
+            }
+        }
+        if (d)
+            closedir(d);
+    }
+    return MOECAL_OK;
 }
 
 static moecal_status write_checkpoint(const job *j, moecal_amax_meta *m, int64_t next_step)
@@ -553,6 +634,9 @@ moecal_status moecal_calibrate_run(const moecal_comm *c, const moecal_calib_para
      * requeued --resume run whose output is complete has nothing to do). */
     {
         int state = 0; /* 1 exists, 2 complete-and-resume */
+        if (c->rank == 0)
+            s = check_output(p, act_path);
+        moecal_check_all(s);
         if (c->rank == 0) {
             s = lock_output(p->output, &lock_fd);
             if (s == MOECAL_OK && file_exists(p->output) != MOECAL_OK && !p->force) {
@@ -963,27 +1047,39 @@ moecal_status moecal_calibrate_run(const moecal_comm *c, const moecal_calib_para
                                         c->world));
             s = MOECAL_OK;
             if (c->rank == 0) {
+                /* Side files under staging names first, then renamed, the
+                 * output last: a failure anywhere leaves nothing that looks
+                 * complete. */
                 moecal_amax_tables t = {res, res + L3, res + 2 * L3, tk_res};
-                char path[4200];
-                side_path(p->output, ".quant_summary.txt", path, sizeof path);
-                s = moecal_amax_write_summary(path, &m, j.model, &t);
-                if (s == MOECAL_OK) {
-                    side_path(p->output, ".amax_table.txt", path, sizeof path);
-                    s = moecal_amax_write_table(path, &m, j.model, &t);
+                char fin[N_SIDE][4200], stage[N_SIDE][4300];
+                int renamed = 0;
+                for (int k = 0; k < N_SIDE; k++) {
+                    side_path(p->output, side_suffix[k], fin[k], sizeof fin[k]);
+                    side_path(p->output, side_suffix[k], stage[k], sizeof stage[k] - 4);
+                    strcat(stage[k], ".tmp"); /* lengths checked by check_output */
                 }
-                if (s == MOECAL_OK) {
-                    side_path(p->output, ".hf_quant_config.json", path, sizeof path);
-                    s = moecal_amax_write_hf_config(path, &m, &t);
-                }
-                if (s == MOECAL_OK) {
-                    side_path(p->output, ".safetensors", path, sizeof path);
-                    s = moecal_amax_write_safetensors(path, &m, j.model, &t);
-                }
+                s = moecal_amax_write_summary(stage[0], &m, j.model, &t);
+                if (s == MOECAL_OK)
+                    s = moecal_amax_write_table(stage[1], &m, j.model, &t);
+                if (s == MOECAL_OK)
+                    s = moecal_amax_write_hf_config(stage[2], &m, &t);
+                if (s == MOECAL_OK)
+                    s = moecal_amax_write_safetensors(stage[3], &m, j.model, &t);
+                for (int k = 0; s == MOECAL_OK && k < N_SIDE; k++, renamed++)
+                    if (rename(stage[k], fin[k]) != 0)
+                        s = moecal_error_errno(errno, "%s: rename from %s failed", fin[k],
+                                               stage[k]);
                 if (s == MOECAL_OK && rename(tmp_path, p->output) != 0)
                     s = moecal_error_errno(errno, "%s: rename from %s failed", p->output,
                                            tmp_path);
-                if (s != MOECAL_OK)
+                if (s != MOECAL_OK) {
                     unlink(tmp_path);
+                    for (int k = 0; k < N_SIDE; k++) {
+                        unlink(stage[k]);
+                        if (k < renamed)
+                            unlink(fin[k]);
+                    }
+                }
             }
             free(full);
             free(res);

@@ -13,9 +13,28 @@ static _Thread_local char err_msg[MSG_MAX];
 static _Thread_local moecal_status err_code = MOECAL_OK;
 static int peer_exit_code = 1;
 
+/* Keep a message whole when it fits; else its start and its end, where the
+ * reason is (paths near PATH_MAX must not cut it off). */
+static void store(const char *full)
+{
+    size_t n = strlen(full);
+    const char *gap = " [...] ";
+
+    if (n < MSG_MAX) {
+        memcpy(err_msg, full, n + 1);
+        return;
+    }
+    size_t head = MSG_MAX / 4, tail = MSG_MAX - 1 - head - strlen(gap);
+    memcpy(err_msg, full, head);
+    memcpy(err_msg + head, gap, strlen(gap));
+    memcpy(err_msg + head + strlen(gap), full + n - tail, tail + 1);
+}
+
 moecal_status moecal_error_vset(moecal_status code, const char *fmt, va_list ap)
 {
-    vsnprintf(err_msg, sizeof err_msg, fmt, ap);
+    char full[4 * MSG_MAX + 8192];
+    vsnprintf(full, sizeof full, fmt, ap);
+    store(full);
     err_code = code;
     return code;
 }
@@ -35,11 +54,14 @@ moecal_status moecal_error_errno(int errnum, const char *fmt, ...)
     size_t n;
     moecal_status code = MOECAL_ERR_IO;
 
+    char full[4 * MSG_MAX + 8192];
+
     va_start(ap, fmt);
-    vsnprintf(err_msg, sizeof err_msg, fmt, ap);
+    vsnprintf(full, sizeof full - 256, fmt, ap);
     va_end(ap);
-    n = strlen(err_msg);
-    snprintf(err_msg + n, sizeof err_msg - n, ": %s", strerror(errnum));
+    n = strlen(full);
+    snprintf(full + n, sizeof full - n, ": %s", strerror(errnum));
+    store(full);
     if (errnum == ENOMEM)
         code = MOECAL_ERR_NOMEM;
     err_code = code;

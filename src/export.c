@@ -842,9 +842,17 @@ moecal_status moecal_export_run(const moecal_comm *c, const moecal_export_params
         moecal_fatal_all(s);
     snprintf(j.tmp, sizeof j.tmp, "%s%s", p->output, TMP_SUFFIX);
     snprintf(j.old, sizeof j.old, "%s%s", p->output, OLD_SUFFIX);
-    if (c->rank == 0 && exists(p->output) && !p->force)
-        s = moecal_error_set(MOECAL_ERR_EXISTS, "%s exists; use --force to replace it",
-                             p->output);
+    if (c->rank == 0) {
+        struct stat so, si;
+        if (stat(p->output, &so) == 0 &&
+            ((stat(p->model_dir, &si) == 0 && si.st_dev == so.st_dev && si.st_ino == so.st_ino) ||
+             (stat(p->amax_path, &si) == 0 && si.st_dev == so.st_dev && si.st_ino == so.st_ino)))
+            s = moecal_error_set(MOECAL_ERR_USAGE, "command line: -o %s is an input of the "
+                                 "export; it would be replaced", p->output);
+        else if (exists(p->output) && !p->force)
+            s = moecal_error_set(MOECAL_ERR_EXISTS, "%s exists; use --force to replace it",
+                                 p->output);
+    }
     moecal_check_all(s);
 
     /* Inputs: every rank reads the config, the index and the amax file. */

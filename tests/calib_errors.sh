@@ -110,4 +110,31 @@ expect_fail 3 $MPIEXEC -n 2 "$MOECAL" export -m "$TMPDIR/allnan" --amax "$TMPDIR
     -o "$TMPDIR/allnan-out"
 expect_msg "input amax 0: no token reached it"
 [ ! -e "$TMPDIR/allnan-out" ] || fail "export wrote a checkpoint with zero input scales"
+
+# Output names are checked before anything is read; a failure at the end
+# leaves no output, no side file and no lock file.
+expect_fail 2 $MPIEXEC -n 2 "$MOECAL" calibrate --backend cpu -m "$TMPDIR/tiny" -o ''
+expect_msg "output is empty"
+expect_fail 2 $MPIEXEC -n 2 "$MOECAL" calibrate --backend cpu -m "$TMPDIR/tiny" \
+    -o "$TMPDIR/tiny/activations.h5" --force
+expect_msg "would overwrite .*activations.h5, the activation file"
+mkdir -p "$TMPDIR/adir.h5"
+expect_fail 4 $MPIEXEC -n 2 "$MOECAL" calibrate --backend cpu -m "$TMPDIR/tiny" \
+    -o "$TMPDIR/adir.h5" --force
+expect_msg "adir.h5 is a directory"
+deep=$TMPDIR
+while [ ${#deep} -lt 3900 ]; do deep=$deep/$(printf 'd%.0s' $(seq 1 200)); done
+mkdir -p "$deep"
+expect_fail 2 $MPIEXEC -n 2 "$MOECAL" calibrate --backend cpu -m "$TMPDIR/tiny" \
+    -o "$deep/$(printf 'o%.0s' $(seq 1 150)).h5"
+expect_msg "must stay under 4096"
+for sfx in .quant_summary.txt .amax_table.txt .hf_quant_config.json .safetensors; do
+    rm -rf "$TMPDIR/blk"*
+    mkdir -p "$TMPDIR/blk$sfx/x"   # a non-empty directory where the side file goes
+    expect_fail 4 $MPIEXEC -n 2 "$MOECAL" calibrate --backend cpu -m "$TMPDIR/tiny" \
+        -o "$TMPDIR/blk.h5" --quiet
+    expect_msg "blk$sfx: rename from .*blk$sfx.tmp failed"
+    left=$(cd "$TMPDIR" && ls -d blk* | grep -vx "blk$sfx")
+    [ -z "$left" ] || fail "a failed rename of blk$sfx left $left"
+done
 exit 0

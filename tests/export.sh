@@ -64,6 +64,11 @@ run_mpi 2 "$MOECAL" export -m "$T/bf16" --amax "$T/bf16.h5" -o "$T/outb" --force
 [ ! -e "$T/outb/stale" ] || fail "--force kept a file of the old output"
 [ ! -e "$T/outb.moecal-old" ] || fail "--force left the old output beside the new one"
 
+# The source itself as the output, even with --force: refused.
+expect_fail 2 "$MOECAL" export -m "$T/bf16" --amax "$T/bf16.h5" -o "$T/bf16" --force
+expect_msg "bf16 is an input of the export"
+[ -f "$T/bf16/config.json" ] || fail "export --force replaced its own source"
+
 # The amax file of another model, of another checkpoint with the same
 # shapes (its weights differ), of one layer only.
 expect_fail 3 "$MOECAL" export -m "$T/fp8" --amax "$T/bf16.h5" -o "$T/x1"
