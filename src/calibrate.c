@@ -355,6 +355,19 @@ static moecal_status check_output(const moecal_calib_params *p, const char *act)
                                   out, dir);
     if (access(dir, W_OK) != 0)
         return moecal_error_errno(errno, "%s: cannot write in %s", out, dir);
+    /* OUT.safetensors named model.safetensors in the model's directory
+     * would become the model (a single file wins over the index) */
+    {
+        char st_side[4200];
+        struct stat sd, sm;
+        side_path(out, ".safetensors", st_side, sizeof st_side);
+        const char *sb = strrchr(st_side, '/') ? strrchr(st_side, '/') + 1 : st_side;
+        if (p->model_dir && strcmp(sb, "model.safetensors") == 0 && stat(dir, &sd) == 0 &&
+            stat(p->model_dir, &sm) == 0 && sd.st_dev == sm.st_dev && sd.st_ino == sm.st_ino)
+            return moecal_error_set(MOECAL_ERR_USAGE, "command line: -o %s would write %s in "
+                                    "the model's directory, where it would be read as the "
+                                    "model's weights", out, st_side);
+    }
     /* every file this run writes against every input file */
     for (int k = -2; k < N_SIDE; k++) {
         if (k == -2)

@@ -137,4 +137,21 @@ for sfx in .quant_summary.txt .amax_table.txt .hf_quant_config.json .safetensors
     left=$(cd "$TMPDIR" && ls -d blk* | grep -vx "blk$sfx")
     [ -z "$left" ] || fail "a failed rename of blk$sfx left $left"
 done
+expect_fail 2 $MPIEXEC -n 2 "$MOECAL" calibrate --backend cpu -m "$TMPDIR/tiny" \
+    -o "$TMPDIR/tiny/model.h5"
+expect_msg "would write .*tiny/model.safetensors in the model's directory"
+[ ! -e "$TMPDIR/tiny/model.safetensors" ] || fail "a side file landed as the model's weights"
+
+# Each command given the wrong kind of HDF5 file: exit 3, saying what it is.
+run_mpi 2 "$MOECAL" calibrate --backend cpu -m "$TMPDIR/tiny" -o "$TMPDIR/ok.h5" --quiet
+expect_fail 3 "$MOECAL" report "$TMPDIR/tiny/activations.h5"
+expect_msg "format' is 'moecal-activations', not 'moecal-amax'"
+expect_fail 3 "$MOECAL" compare "$TMPDIR/ok.h5" "$TMPDIR/tiny/activations.h5"
+expect_msg "format' is 'moecal-activations', not 'moecal-amax'"
+expect_fail 3 $MPIEXEC -n 2 "$MOECAL" export -m "$TMPDIR/tiny" \
+    --amax "$TMPDIR/tiny/activations.h5" -o "$TMPDIR/wk"
+expect_msg "format' is 'moecal-activations', not 'moecal-amax'"
+expect_fail 3 $MPIEXEC -n 2 "$MOECAL" calibrate --backend cpu -m "$TMPDIR/tiny" \
+    -a "$TMPDIR/ok.h5" -o "$TMPDIR/wk.h5"
+expect_msg "ok.h5.*moecal-amax"
 exit 0
