@@ -12,6 +12,7 @@
  * before anything is cleaned up.
  */
 #include "config.h"
+#include "h5util.h"
 #include "util.h"
 
 #include <errno.h>
@@ -206,80 +207,11 @@ struct moecal_act {
     size_t scratch_n;     /* floats */
 };
 
-/* A string attribute of obj (fixed or variable length, scalar or one
- * element) into buf; *found = false when it does not exist. */
+/* A string attribute of obj into buf; *found = false when it does not exist. */
 static moecal_status read_str_attr(const char *path, hid_t obj, const char *name, char *buf,
                                    size_t len, bool *found)
 {
-    hid_t attr = -1, type = -1, space = -1, mt = -1;
-    htri_t ex;
-    hssize_t npoints;
-    moecal_status st = MOECAL_OK;
-    char what[256];
-
-    *found = false;
-    buf[0] = '\0';
-    ex = H5Aexists(obj, name);
-    if (ex < 0)
-        return h5_fail(MOECAL_ERR_FORMAT, "%s: cannot look up root attribute '%s'", path, name);
-    if (ex == 0)
-        return MOECAL_OK;
-    *found = true;
-    if ((attr = H5Aopen(obj, name, H5P_DEFAULT)) < 0 || (type = H5Aget_type(attr)) < 0 ||
-        (space = H5Aget_space(attr)) < 0) {
-        st = h5_fail(MOECAL_ERR_FORMAT, "%s: cannot open root attribute '%s'", path, name);
-        goto out;
-    }
-    npoints = H5Sget_simple_extent_npoints(space);
-    if (H5Tget_class(type) != H5T_STRING || npoints != 1) {
-        describe_type(type, what, sizeof what);
-        st = moecal_error_set(MOECAL_ERR_FORMAT, "%s: root attribute '%s' is %s with %lld "
-                              "element(s); expected one string", path, name, what,
-                              (ll)npoints);
-        goto out;
-    }
-    if (H5Tis_variable_str(type) > 0) {
-        char *v = NULL;
-        if ((mt = H5Tcopy(H5T_C_S1)) < 0 || H5Tset_size(mt, H5T_VARIABLE) < 0 ||
-            H5Tset_cset(mt, H5Tget_cset(type)) < 0 || H5Aread(attr, mt, &v) < 0) {
-            st = h5_fail(MOECAL_ERR_FORMAT, "%s: cannot read root attribute '%s'", path, name);
-            goto out;
-        }
-        snprintf(buf, len, "%s", v ? v : "");
-        if (v)
-            H5free_memory(v);
-    } else {
-        size_t n = H5Tget_size(type);
-        char *v;
-        if (n == 0 || n > (1u << 20)) {
-            st = moecal_error_set(MOECAL_ERR_FORMAT, "%s: root attribute '%s' is a string of "
-                                  "%zu bytes", path, name, n);
-            goto out;
-        }
-        if (!(v = calloc(n + 1, 1))) {
-            st = moecal_error_set(MOECAL_ERR_NOMEM, "%s: out of memory", path);
-            goto out;
-        }
-        if ((mt = H5Tcopy(H5T_C_S1)) < 0 || H5Tset_size(mt, n) < 0 ||
-            H5Tset_strpad(mt, H5T_STR_NULLPAD) < 0 || H5Tset_cset(mt, H5Tget_cset(type)) < 0 ||
-            H5Aread(attr, mt, v) < 0) {
-            st = h5_fail(MOECAL_ERR_FORMAT, "%s: cannot read root attribute '%s'", path, name);
-            free(v);
-            goto out;
-        }
-        v[n] = '\0';
-        /* space-padded strings (Fortran writers) */
-        for (size_t i = strlen(v); i > 0 && v[i - 1] == ' '; i--)
-            v[i - 1] = '\0';
-        snprintf(buf, len, "%s", v);
-        free(v);
-    }
-out:
-    h5_close(&mt);
-    h5_close(&space);
-    h5_close(&type);
-    h5_close(&attr);
-    return st;
+    return moecal_h5_attr_str(obj, path, name, false, buf, len, found);
 }
 
 /* An integer attribute (any integer type, scalar or one element). */
@@ -442,17 +374,19 @@ static moecal_status open_layer(moecal_act *a, hid_t layers_g, hid_t lapl,
     /* A chunked dataset whose chunks were never written (a capture that
      * died after creating it) reads as zeros: input amax 0, scale 0. */
     {
-        H5D_space_status_t ss;
-        if (H5Dget_space_status(d, &ss) >= 0 && ss != H5D_SPACE_STATUS_ALLOCATED &&
-            H5Pget_layout(dcpl) == H5D_CHUNKED) {
-            st = moecal_error_set(MOECAL_ERR_FORMAT,
-                                  "%s: dataset /layers/%s/hidden has %llu rows of which %s "
-                                  "written (a capture that stopped early?); unwritten rows "
-                                  "would read as zeros", a->path, name,
-                                  (unsigned long long)dims[0],
-                                  ss == H5D_SPACE_STATUS_NOT_ALLOCATED ? "none were"
-                                                                       : "only some were");
-            goto out;
+        hsize_t cd[2], nch = 0;
+        if (H5Pget_layout(dcpl) == H5D_CHUNKED && H5Pget_chunk(dcpl, 2, cd) == 2 && cd[0] &&
+            cd[1] && H5Dget_num_chunks(d, space, &nch) >= 0) {
+            hsize_t want = ((dims[0] + cd[0] - 1) / cd[0]) * ((dims[1] + cd[1] - 1) / cd[1]);
+            if (nch < want) {
+                st = moecal_error_set(MOECAL_ERR_FORMAT,
+                                      "%s: dataset /layers/%s/hidden has %llu rows of which %s "
+                                      "written (a capture that stopped early?); unwritten rows "
+                                      "would read as zeros", a->path, name,
+                                      (unsigned long long)dims[0],
+                                      nch == 0 ? "none were" : "only some were");
+                goto out;
+            }
         }
     }
     *dt = classify_float(type);

@@ -1,5 +1,6 @@
 /* amaxfile.c - write amax.h5 with parallel HDF5, and the files beside it. */
 #include "config.h"
+#include "h5util.h"
 #include "util.h"
 
 #include <errno.h>
@@ -449,30 +450,7 @@ out:
 static moecal_status read_attr_str(hid_t f, const char *path, const char *name, char *buf,
                                    size_t len)
 {
-    hid_t a, t, mt;
-    size_t n;
-    moecal_status s = MOECAL_OK;
-
-    if (H5Aexists(f, name) <= 0)
-        return moecal_error_set(MOECAL_ERR_FORMAT, "%s: attribute '%s' missing", path, name);
-    a = H5Aopen(f, name, H5P_DEFAULT);
-    t = H5Aget_type(a);
-    n = H5Tget_size(t);
-    if (H5Tget_class(t) != H5T_STRING || H5Tis_variable_str(t) > 0 || n + 1 > len) {
-        s = moecal_error_set(MOECAL_ERR_FORMAT, "%s: attribute '%s' is not a short string",
-                             path, name);
-    } else {
-        mt = H5Tcopy(H5T_C_S1);
-        H5Tset_size(mt, n + 1);
-        H5Tset_cset(mt, H5Tget_cset(t));
-        memset(buf, 0, len);
-        if (H5Aread(a, mt, buf) < 0)
-            s = moecal_error_set(MOECAL_ERR_HDF5, "%s: cannot read attribute '%s'", path, name);
-        H5Tclose(mt);
-    }
-    H5Tclose(t);
-    H5Aclose(a);
-    return s;
+    return moecal_h5_attr_str(f, path, name, true, buf, len, NULL);
 }
 
 moecal_status moecal_amax_read_checkpoint(const char *path, uint64_t input_hash,

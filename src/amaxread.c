@@ -1,5 +1,6 @@
 /* amaxread.c - read and validate a finished amax.h5 (serial HDF5); see amaxread.h. */
 #include "config.h"
+#include "h5util.h"
 #include "util.h"
 
 #include <errno.h>
@@ -39,63 +40,7 @@ static hssize_t attr_npoints(hid_t a)
 static moecal_status attr_str(hid_t f, const char *path, const char *name, int required,
                               char *buf, size_t len)
 {
-    hid_t a = -1, t = -1, mt = -1;
-    htri_t ex = H5Aexists(f, name);
-    moecal_status s = MOECAL_OK;
-
-    buf[0] = '\0';
-    if (ex == 0 && !required)
-        return MOECAL_OK;
-    if (ex <= 0)
-        return moecal_error_set(MOECAL_ERR_FORMAT, "%s: root attribute '%s' missing", path, name);
-    a = H5Aopen(f, name, H5P_DEFAULT);
-    if (a < 0)
-        return moecal_error_set(MOECAL_ERR_HDF5, "%s: cannot open attribute '%s'", path, name);
-    t = H5Aget_type(a);
-    if (t < 0 || H5Tget_class(t) != H5T_STRING || attr_npoints(a) != 1) {
-        s = moecal_error_set(MOECAL_ERR_FORMAT, "%s: attribute '%s' is not a string", path,
-                             name);
-        goto out;
-    }
-    mt = H5Tcopy(H5T_C_S1);
-    if (H5Tis_variable_str(t) > 0) {
-        char *p = NULL;
-
-        H5Tset_size(mt, H5T_VARIABLE);
-        H5Tset_cset(mt, H5Tget_cset(t));
-        if (H5Aread(a, mt, &p) < 0) {
-            s = moecal_error_set(MOECAL_ERR_HDF5, "%s: cannot read attribute '%s'", path, name);
-            goto out;
-        }
-        if (p && strlen(p) >= len)
-            s = moecal_error_set(MOECAL_ERR_FORMAT, "%s: attribute '%s' is too long (%zu "
-                                 "characters, at most %zu)", path, name, strlen(p), len - 1);
-        else if (p)
-            memcpy(buf, p, strlen(p) + 1);
-        H5free_memory(p);
-    } else {
-        size_t n = H5Tget_size(t);
-
-        if (n == 0 || n >= len) {
-            s = moecal_error_set(MOECAL_ERR_FORMAT, "%s: attribute '%s' is too long (%zu "
-                                 "characters, at most %zu)", path, name, n, len - 1);
-            goto out;
-        }
-        H5Tset_size(mt, n + 1);
-        H5Tset_strpad(mt, H5T_STR_NULLTERM);
-        H5Tset_cset(mt, H5Tget_cset(t)); /* ASCII or UTF-8: HDF5 converts neither way */
-        memset(buf, 0, len);
-        if (H5Aread(a, mt, buf) < 0)
-            s = moecal_error_set(MOECAL_ERR_HDF5, "%s: cannot read attribute '%s'", path, name);
-        buf[len - 1] = '\0';
-    }
-out:
-    if (mt >= 0)
-        H5Tclose(mt);
-    if (t >= 0)
-        H5Tclose(t);
-    H5Aclose(a);
-    return s;
+    return moecal_h5_attr_str(f, path, name, required != 0, buf, len, NULL);
 }
 
 /* An integer attribute; required == 0: absent gives *v = dflt. */

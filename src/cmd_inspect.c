@@ -9,6 +9,7 @@
  * by their root attribute `format`.
  */
 #include "config.h"
+#include "h5util.h"
 #include "util.h"
 
 #include <errno.h>
@@ -657,35 +658,15 @@ static void print_ckpt(const json_t *j)
 /* The root attribute `format` as text ("" when absent or not a string). */
 static moecal_status h5_format(const char *path, char *buf, size_t len)
 {
-    hid_t f = -1, a = -1, t = -1, mt = -1;
+    hid_t f;
     moecal_status s = MOECAL_OK;
 
     buf[0] = '\0';
     if ((f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT)) < 0)
         return moecal_error_set(MOECAL_ERR_FORMAT, "%s: HDF5 cannot open it", path);
-    if (H5Aexists(f, "format") > 0 && (a = H5Aopen(f, "format", H5P_DEFAULT)) >= 0 &&
-        (t = H5Aget_type(a)) >= 0 && H5Tget_class(t) == H5T_STRING) {
-        if (H5Tis_variable_str(t) > 0) {
-            char *v = NULL;
-            if ((mt = H5Tcopy(H5T_C_S1)) >= 0 && H5Tset_size(mt, H5T_VARIABLE) >= 0 &&
-                H5Tset_cset(mt, H5Tget_cset(t)) >= 0 && H5Aread(a, mt, &v) >= 0 && v) {
-                snprintf(buf, len, "%s", v);
-                H5free_memory(v);
-            }
-        } else if (H5Tget_size(t) < len) {
-            memset(buf, 0, len);
-            if ((mt = H5Tcopy(H5T_C_S1)) < 0 || H5Tset_size(mt, H5Tget_size(t)) < 0 ||
-                H5Tset_cset(mt, H5Tget_cset(t)) < 0 || H5Aread(a, mt, buf) < 0)
-                buf[0] = '\0';
-            buf[len - 1] = '\0';
-        }
-    }
-    if (mt >= 0)
-        H5Tclose(mt);
-    if (t >= 0)
-        H5Tclose(t);
-    if (a >= 0)
-        H5Aclose(a);
+    /* a format attribute that is not a string reads as none */
+    if (moecal_h5_attr_str(f, path, "format", false, buf, len, NULL) != MOECAL_OK)
+        buf[0] = '\0';
     if (H5Fclose(f) < 0)
         s = moecal_error_set(MOECAL_ERR_IO, "%s: HDF5 cannot close it", path);
     H5Eclear2(H5E_DEFAULT);

@@ -1,0 +1,92 @@
+/* h5util.c - HDF5 helpers shared by the readers of moecal's files. */
+#include "config.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "h5util.h"
+
+moecal_status moecal_h5_attr_str(hid_t obj, const char *path, const char *name, bool required,
+                                 char *buf, size_t len, bool *found)
+{
+    hid_t attr = -1, type = -1, space = -1, mt = -1;
+    moecal_status st = MOECAL_OK;
+    htri_t ex;
+    char *v = NULL;
+    bool vlen = false;
+
+    if (found)
+        *found = false;
+    buf[0] = '\0';
+    ex = H5Aexists(obj, name);
+    if (ex < 0)
+        return moecal_error_set(MOECAL_ERR_FORMAT, "%s: cannot look up attribute '%s'", path,
+                                name);
+    if (ex == 0)
+        return required ? moecal_error_set(MOECAL_ERR_FORMAT, "%s: attribute '%s' missing",
+                                           path, name)
+                        : MOECAL_OK;
+    if (found)
+        *found = true;
+    if ((attr = H5Aopen(obj, name, H5P_DEFAULT)) < 0 || (type = H5Aget_type(attr)) < 0 ||
+        (space = H5Aget_space(attr)) < 0) {
+        st = moecal_error_set(MOECAL_ERR_FORMAT, "%s: cannot open attribute '%s'", path, name);
+        goto out;
+    }
+    if (H5Tget_class(type) != H5T_STRING || H5Sget_simple_extent_npoints(space) != 1) {
+        st = moecal_error_set(MOECAL_ERR_FORMAT, "%s: attribute '%s' is not one string", path,
+                              name);
+        goto out;
+    }
+    vlen = H5Tis_variable_str(type) > 0;
+    if ((mt = H5Tcopy(H5T_C_S1)) < 0 || H5Tset_cset(mt, H5Tget_cset(type)) < 0) {
+        st = moecal_error_set(MOECAL_ERR_HDF5, "%s: attribute '%s': no memory type", path, name);
+        goto out;
+    }
+    if (vlen) {
+        if (H5Tset_size(mt, H5T_VARIABLE) < 0 || H5Aread(attr, mt, &v) < 0) {
+            st = moecal_error_set(MOECAL_ERR_FORMAT, "%s: cannot read attribute '%s'", path,
+                                  name);
+            goto out;
+        }
+    } else {
+        size_t n = H5Tget_size(type);
+        if (n == 0 || n > (1u << 20)) {
+            st = moecal_error_set(MOECAL_ERR_FORMAT, "%s: attribute '%s' is a string of %zu "
+                                  "bytes", path, name, n);
+            goto out;
+        }
+        if (!(v = calloc(n + 1, 1))) {
+            st = moecal_error_set(MOECAL_ERR_NOMEM, "%s: out of memory", path);
+            goto out;
+        }
+        if (H5Tset_size(mt, n) < 0 || H5Tset_strpad(mt, H5T_STR_NULLPAD) < 0 ||
+            H5Aread(attr, mt, v) < 0) {
+            st = moecal_error_set(MOECAL_ERR_FORMAT, "%s: cannot read attribute '%s'", path,
+                                  name);
+            goto out;
+        }
+        /* space-padded strings (Fortran writers) */
+        for (size_t i = strlen(v); i > 0 && v[i - 1] == ' '; i--)
+            v[i - 1] = '\0';
+    }
+    if (v && strlen(v) >= len)
+        st = moecal_error_set(MOECAL_ERR_FORMAT, "%s: attribute '%s' is too long (%zu "
+                              "characters, at most %zu)", path, name, strlen(v), len - 1);
+    else if (v)
+        memcpy(buf, v, strlen(v) + 1);
+out:
+    if (vlen && v)
+        H5free_memory(v);
+    else
+        free(v);
+    if (mt >= 0)
+        H5Tclose(mt);
+    if (space >= 0)
+        H5Sclose(space);
+    if (type >= 0)
+        H5Tclose(type);
+    if (attr >= 0)
+        H5Aclose(attr);
+    return st;
+}
