@@ -581,6 +581,45 @@ static void unpin_all(chunk_pipe *pp)
     pp->npinned = 0;
 }
 
+moecal_status moecal_peer_max_fixup(MPI_Comm comm, const float *cal, int L, int n,
+                                    bool all_experts, float *final, long long *raised)
+{
+    const size_t L3 = (size_t)L * 3;
+    long long up = 0;
+
+    if (all_experts) {
+        /* every expert saw every token: its own amax stands */
+        memcpy(final, cal, L3 * (size_t)n * sizeof *final);
+    } else {
+        /* the layer maximum per projection over this rank's experts, then
+         * over every rank: one collective for the whole [L][3] table */
+        float *peer = calloc(L3 ? L3 : 1, sizeof *peer);
+        if (!peer)
+            return moecal_error_set(MOECAL_ERR_NOMEM, "peer-max fixup: out of memory");
+        for (int li = 0; li < L; li++)
+            for (int k = 0; k < n; k++)
+                for (int q = 0; q < 3; q++) {
+                    float *m = &peer[(size_t)li * 3 + (size_t)q];
+                    *m = fmaxf(*m, cal[((size_t)li * (size_t)n + (size_t)k) * 3 + (size_t)q]);
+                }
+        if (MPI_Allreduce(MPI_IN_PLACE, peer, (int)L3, MPI_FLOAT, MPI_MAX, comm) != MPI_SUCCESS) {
+            free(peer);
+            return moecal_error_set(MOECAL_ERR_MPI, "peer-max fixup: MPI_Allreduce failed");
+        }
+        for (int li = 0; li < L; li++)
+            for (int k = 0; k < n; k++)
+                for (int q = 0; q < 3; q++) {
+                    size_t i = ((size_t)li * (size_t)n + (size_t)k) * 3 + (size_t)q;
+                    final[i] = peer[(size_t)li * 3 + (size_t)q];
+                    up += final[i] != cal[i];
+                }
+        free(peer);
+    }
+    if (raised)
+        *raised = up;
+    return MOECAL_OK;
+}
+
 /* Collective: say which layers end with experts whose input amax is 0 (no
  * token reached them: every row of the layer skipped as non-finite, or all
  * zero).  Their input scale is 0, which no engine can serve (export refuses
@@ -977,34 +1016,18 @@ moecal_status moecal_calibrate_run(const moecal_comm *c, const moecal_calib_para
 
     /* Fixup: one MPI_Allreduce(MPI_MAX) over the packed [layers x 3] table. */
     {
-        size_t L3 = (size_t)j.L * 3;
-        float *peer = calloc(L3, sizeof *peer);
         long long counts[2] = {0, 0}, total[2];
-        if (!peer)
-            moecal_fatal(moecal_error_set(MOECAL_ERR_NOMEM, "out of memory"));
-        for (int li = 0; li < j.L; li++)
-            for (int k = 0; k < j.n; k++)
-                for (int q = 0; q < 3; q++)
-                    peer[(size_t)li * 3 + (size_t)q] =
-                        fmaxf(peer[(size_t)li * 3 + (size_t)q],
-                              j.amax_cal[((size_t)li * (size_t)j.n + (size_t)k) * 3 + (size_t)q]);
-        if (!p->all_experts)
-            MOECAL_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, peer, (int)L3, MPI_FLOAT, MPI_MAX,
-                                           c->world));
+        s = moecal_peer_max_fixup(c->world, j.amax_cal, j.L, j.n, p->all_experts, j.amax_final,
+                                  &counts[0]);
+        if (s != MOECAL_OK)
+            moecal_fatal(s);
         for (int li = 0; li < j.L; li++)
             for (int k = 0; k < j.n; k++) {
-                size_t ai = ((size_t)li * (size_t)j.n + (size_t)k) * 3;
                 int64_t t = 0;
                 for (int ci = 0; ci < j.C; ci++)
                     t += j.tok[((size_t)li * (size_t)j.C + (size_t)ci) * (size_t)j.n + (size_t)k];
                 counts[1] += t == 0;
-                for (int q = 0; q < 3; q++) {
-                    float v = p->all_experts ? j.amax_cal[ai + q] : peer[(size_t)li * 3 + (size_t)q];
-                    counts[0] += !p->all_experts && v != j.amax_cal[ai + q];
-                    j.amax_final[ai + q] = v;
-                }
             }
-        free(peer);
         MOECAL_MPI_CHECK(MPI_Reduce(counts, total, 2, MPI_LONG_LONG, MPI_SUM, 0, c->world));
         warn_zero_amax(&j, layer_skipped);
         if (p->all_experts)

@@ -32,6 +32,15 @@ typedef struct moecal_calib_params {
     bool resume;              /* continue from the newest valid checkpoint */
 } moecal_calib_params;
 
+/* The peer-max fixup (DESIGN.md §2), collective over comm.  cal is this
+ * rank's n experts' calibrated input amax [L][n][3] (n may be 0).  Top-k
+ * mode: final[l][k][q] := the maximum of cal[l][*][q] over every expert of
+ * every rank (one MPI_Allreduce(MPI_MAX) over the packed [L][3] table);
+ * all-experts mode: final := cal (no collective).  *raised (may be NULL):
+ * how many of this rank's values changed. */
+moecal_status moecal_peer_max_fixup(MPI_Comm comm, const float *cal, int L, int n,
+                                    bool all_experts, float *final, long long *raised);
+
 /* Parse a layer list ("all", "3-10,12") against the model's MoE layers.
  * Returns the selected MoE layers (ascending) in *out (malloc'd). */
 moecal_status moecal_calib_parse_layers(const char *spec, const int *moe_layers, int n_moe,

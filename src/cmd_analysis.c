@@ -121,36 +121,13 @@ static moecal_status print_json(json_t *root, int ok)
     return flush_stdout();
 }
 
-/* Parse the options of a subcommand the same way on every rank; usage errors
- * end every rank with exit status 2.  Returns 1 when --help or --print-config
- * was handled (the caller returns 0). */
+/* moecal_cmd_begin: returns 1 when --help or --print-config was handled
+ * (the caller returns 0). */
 static int parse_opts(const char *cmd, const moecal_optdef *defs, const char *pos_usage,
                       const char *summary, int npos, int argc, char **argv, moecal_opts **o)
 {
-    moecal_status s = moecal_opts_parse(cmd, defs, pos_usage, argc, argv, o);
-
-    if (s != MOECAL_OK)
-        moecal_fatal_all(s);
-    if (moecal_opts_help(*o)) {
-        if (moecal_world_rank() == 0)
-            moecal_opts_usage(cmd, defs, pos_usage, summary, stdout);
-        moecal_opts_free(*o);
-        return 1;
-    }
-    if (moecal_opts_print_config(*o)) {
-        if (moecal_world_rank() == 0)
-            moecal_opts_dump(*o, stdout);
-        moecal_opts_free(*o);
-        return 1;
-    }
-    if (moecal_opts_npos(*o) != npos) {
-        moecal_error_set(MOECAL_ERR_USAGE, "'moecal %s' takes %s (got %d argument%s; see "
-                         "'moecal %s --help')", cmd, pos_usage, moecal_opts_npos(*o),
-                         moecal_opts_npos(*o) == 1 ? "" : "s", cmd);
-        moecal_opts_free(*o);
-        moecal_fatal_all(MOECAL_ERR_USAGE);
-    }
-    return 0;
+    *o = moecal_cmd_begin(cmd, defs, pos_usage, summary, npos, NULL, argc, argv);
+    return *o == NULL;
 }
 
 /* A float option within [lo, hi]; same result on every rank. */

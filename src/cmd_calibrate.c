@@ -122,31 +122,10 @@ int moecal_cmd_calibrate(int argc, char **argv)
     const char *qf, *nf;
     int len = 0;
 
-    s = moecal_opts_parse("calibrate", moecal_calibrate_optdefs, NULL, argc, argv, &o);
-    if (s != MOECAL_OK)
-        moecal_fatal_all(s);
-    if (moecal_opts_help(o)) {
-        if (moecal_world_rank() == 0)
-            moecal_opts_usage("calibrate", moecal_calibrate_optdefs, NULL, summary, stdout);
-        moecal_opts_free(o);
+    o = moecal_cmd_begin("calibrate", moecal_calibrate_optdefs, NULL, summary, 0,
+                         print_router_logits, argc, argv);
+    if (!o)
         return 0;
-    }
-    /* every rank must resolve the same settings (an environment that
-     * differs between nodes); --print-config then shows the job's */
-    moecal_opts_agree(o);
-    if (moecal_opts_print_config(o)) {
-        if (moecal_world_rank() == 0) {
-            moecal_opts_dump(o, stdout);
-            print_router_logits(o, stdout);
-        }
-        moecal_opts_free(o);
-        return 0;
-    }
-    if (moecal_opts_npos(o) > 0) {
-        moecal_error_set(MOECAL_ERR_USAGE, "unexpected argument '%s' (calibrate takes options "
-                         "only; see 'moecal calibrate --help')", moecal_opts_pos(o, 0));
-        moecal_fatal_all(MOECAL_ERR_USAGE);
-    }
     moecal_set_verbosity(moecal_opts_flag(o, "quiet") ? MOECAL_LOG_QUIET
                                                         : (int)moecal_opts_int(o, "verbose"),
                          (int)moecal_opts_int(o, "verbose-ranks"));

@@ -45,27 +45,9 @@ int moecal_cmd_export(int argc, char **argv)
     moecal_export_params p;
     moecal_status s;
 
-    s = moecal_opts_parse("export", defs, NULL, argc, argv, &o);
-    if (s != MOECAL_OK)
-        moecal_fatal_all(s);
-    if (moecal_opts_help(o)) {
-        if (moecal_world_rank() == 0)
-            moecal_opts_usage("export", defs, NULL, summary, stdout);
-        moecal_opts_free(o);
+    o = moecal_cmd_begin("export", defs, NULL, summary, 0, NULL, argc, argv);
+    if (!o)
         return 0;
-    }
-    moecal_opts_agree(o);
-    if (moecal_opts_print_config(o)) {
-        if (moecal_world_rank() == 0)
-            moecal_opts_dump(o, stdout);
-        moecal_opts_free(o);
-        return 0;
-    }
-    if (moecal_opts_npos(o) > 0) {
-        moecal_error_set(MOECAL_ERR_USAGE, "unexpected argument '%s' (export takes options "
-                         "only; see 'moecal export --help')", moecal_opts_pos(o, 0));
-        moecal_fatal_all(MOECAL_ERR_USAGE);
-    }
     moecal_set_verbosity(moecal_opts_flag(o, "quiet") ? MOECAL_LOG_QUIET
                                                         : (int)moecal_opts_int(o, "verbose"),
                          (int)moecal_opts_int(o, "verbose-ranks"));

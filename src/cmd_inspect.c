@@ -960,31 +960,13 @@ static moecal_status inspect(const char *path, bool as_json, bool *complete)
 int moecal_cmd_inspect(int argc, char **argv)
 {
     moecal_opts *o = NULL;
-    moecal_status s;
+    moecal_status s = MOECAL_OK;
     bool complete = true;
     int rc = 0;
 
-    s = moecal_opts_parse("inspect", defs, "PATH", argc, argv, &o);
-    if (s != MOECAL_OK)
-        moecal_fatal_all(s);
-    if (moecal_opts_help(o)) {
-        if (moecal_world_rank() == 0)
-            moecal_opts_usage("inspect", defs, "PATH", summary, stdout);
-        moecal_opts_free(o);
+    o = moecal_cmd_begin("inspect", defs, "PATH", summary, 1, NULL, argc, argv);
+    if (!o)
         return 0;
-    }
-    if (moecal_opts_print_config(o)) {
-        if (moecal_world_rank() == 0)
-            moecal_opts_dump(o, stdout);
-        moecal_opts_free(o);
-        return 0;
-    }
-    if (moecal_opts_npos(o) != 1) {
-        moecal_error_set(MOECAL_ERR_USAGE, "moecal inspect takes one PATH (a checkpoint "
-                         "directory, an activation file or an amax file), %d given",
-                         moecal_opts_npos(o));
-        moecal_fatal_all(MOECAL_ERR_USAGE);
-    }
     /* Rank 0 reads and prints; the others wait for its status. */
     if (moecal_world_rank() == 0) {
         s = inspect(moecal_opts_pos(o, 0), moecal_opts_flag(o, "json"), &complete);

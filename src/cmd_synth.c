@@ -163,26 +163,9 @@ int moecal_cmd_synth(int argc, char **argv)
     moecal_status s;
     const char *out;
 
-    s = moecal_opts_parse("synth", defs, NULL, argc, argv, &o);
-    if (s != MOECAL_OK)
-        moecal_fatal_all(s);
-    if (moecal_opts_help(o)) {
-        if (moecal_world_rank() == 0)
-            moecal_opts_usage("synth", defs, NULL, summary, stdout);
-        moecal_opts_free(o);
+    o = moecal_cmd_begin("synth", defs, NULL, summary, 0, NULL, argc, argv);
+    if (!o)
         return 0;
-    }
-    if (moecal_opts_print_config(o)) {
-        if (moecal_world_rank() == 0)
-            moecal_opts_dump(o, stdout);
-        moecal_opts_free(o);
-        return 0;
-    }
-    if (moecal_opts_npos(o) > 0) {
-        moecal_error_set(MOECAL_ERR_USAGE, "unexpected argument '%s' (synth takes options only; "
-                         "see 'moecal synth --help')", moecal_opts_pos(o, 0));
-        moecal_fatal_all(MOECAL_ERR_USAGE);
-    }
     out = moecal_opts_str(o, "output");
     if (!out || !*out) {
         moecal_error_set(MOECAL_ERR_USAGE, "moecal synth needs -o DIR, the model directory to "

@@ -65,27 +65,9 @@ int moecal_cmd_topo(int argc, char **argv)
     moecal_place_opts po = {0};
     char source[600];
 
-    s = moecal_opts_parse("topo", topo_optdefs, NULL, argc, argv, &o);
-    if (s != MOECAL_OK)
-        moecal_fatal_all(s);
-    if (moecal_opts_help(o)) {
-        if (moecal_world_rank() == 0)
-            moecal_opts_usage("topo", topo_optdefs, NULL, summary, stdout);
-        moecal_opts_free(o);
+    o = moecal_cmd_begin("topo", topo_optdefs, NULL, summary, 0, NULL, argc, argv);
+    if (!o)
         return 0;
-    }
-    if (moecal_opts_print_config(o)) {
-        if (moecal_world_rank() == 0)
-            moecal_opts_dump(o, stdout);
-        moecal_opts_free(o);
-        return 0;
-    }
-    if (moecal_opts_npos(o) > 0) {
-        moecal_error_set(MOECAL_ERR_USAGE, "unexpected argument '%s' (topo takes options only; "
-                         "see 'moecal topo --help')", moecal_opts_pos(o, 0));
-        moecal_opts_free(o);
-        moecal_fatal_all(MOECAL_ERR_USAGE);
-    }
 
     s = moecal_comm_init(MPI_COMM_WORLD, &c);
     moecal_check_all(s);

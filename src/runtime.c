@@ -158,6 +158,47 @@ void moecal_opts_agree(const moecal_opts *o)
     moecal_check_all(s);
 }
 
+moecal_opts *moecal_cmd_begin(const char *cmd, const moecal_optdef *defs, const char *pos_usage,
+                              const char *summary, int npos,
+                              void (*extra)(const moecal_opts *, FILE *), int argc, char **argv)
+{
+    moecal_opts *o = NULL;
+    moecal_status s = moecal_opts_parse(cmd, defs, pos_usage, argc, argv, &o);
+
+    if (s != MOECAL_OK)
+        moecal_fatal_all(s);
+    if (moecal_opts_help(o)) {
+        if (world_rank == 0)
+            moecal_opts_usage(cmd, defs, pos_usage, summary, stdout);
+        moecal_opts_free(o);
+        return NULL;
+    }
+    /* an environment that differs between nodes must not split the job;
+     * --print-config then shows what every rank will use */
+    moecal_opts_agree(o);
+    if (moecal_opts_print_config(o)) {
+        if (world_rank == 0) {
+            moecal_opts_dump(o, stdout);
+            if (extra)
+                extra(o, stdout);
+        }
+        moecal_opts_free(o);
+        return NULL;
+    }
+    if (moecal_opts_npos(o) != npos) {
+        if (npos == 0)
+            moecal_error_set(MOECAL_ERR_USAGE, "unexpected argument '%s' (%s takes options "
+                             "only; see 'moecal %s --help')", moecal_opts_pos(o, 0), cmd, cmd);
+        else
+            moecal_error_set(MOECAL_ERR_USAGE, "'moecal %s' takes %s (got %d argument%s; see "
+                             "'moecal %s --help')", cmd, pos_usage, moecal_opts_npos(o),
+                             moecal_opts_npos(o) == 1 ? "" : "s", cmd);
+        moecal_opts_free(o);
+        moecal_fatal_all(MOECAL_ERR_USAGE);
+    }
+    return o;
+}
+
 void moecal_set_verbosity(int rank0_level, int all_level)
 {
     if (verbosity0 < MOECAL_LOG_DEBUG)

@@ -42,6 +42,19 @@ void moecal_check_all(moecal_status local);
 struct moecal_opts;
 void moecal_opts_agree(const struct moecal_opts *o);
 
+/* The start of every command: parse argv against defs; --help (rank 0
+ * prints the usage) and --print-config (rank 0 prints the settings, then
+ * extra(o, stdout) when extra is not NULL) end the command: NULL is
+ * returned and the command returns 0.  Otherwise the number of positional
+ * arguments must be npos (pos_usage names them; NULL and 0 for commands
+ * that take options only) and every rank must have resolved the same
+ * settings; a usage error ends every rank with status 2. */
+struct moecal_optdef;
+struct moecal_opts *moecal_cmd_begin(const char *cmd, const struct moecal_optdef *defs,
+                                     const char *pos_usage, const char *summary, int npos,
+                                     void (*extra)(const struct moecal_opts *, FILE *),
+                                     int argc, char **argv);
+
 void moecal_set_verbosity(int rank0_level, int all_level);
 int moecal_verbosity(void);
 void moecal_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
