@@ -26,6 +26,7 @@
 #include "router.h"
 #include "runtime.h"
 #include "tokens.h"
+#include "util.h"
 
 moecal_status moecal_calib_parse_layers(const char *spec, const int *moe_layers, int n_moe,
                                         int **out, int *n_out)
@@ -231,15 +232,6 @@ static void side_path(const char *out, const char *suffix, char *buf, size_t len
 
 /* FNV-1a 64 over the inputs and the options that change results: a
  * checkpoint is only resumed by a run that would compute the same thing. */
-static uint64_t fnv(uint64_t h, const void *data, size_t n)
-{
-    const unsigned char *b = data;
-    for (size_t i = 0; i < n; i++) {
-        h ^= b[i];
-        h *= 1099511628211ULL;
-    }
-    return h;
-}
 
 static uint64_t fnv_file(uint64_t h, const char *path)
 {
@@ -247,9 +239,9 @@ static uint64_t fnv_file(uint64_t h, const char *path)
     size_t n;
     FILE *fp = fopen(path, "rb");
     if (!fp)
-        return fnv(h, path, strlen(path));
+        return moecal_fnv1a(h, path, strlen(path));
     while ((n = fread(buf, 1, sizeof buf, fp)) > 0)
-        h = fnv(h, buf, n);
+        h = moecal_fnv1a(h, buf, n);
     fclose(fp);
     return h;
 }
@@ -259,19 +251,19 @@ static uint64_t input_hash(const job *j, const char *act_path)
     const moecal_calib_params *p = j->p;
     char path[4200], opts[512];
     struct stat st;
-    uint64_t h = 1469598103934665603ULL;
+    uint64_t h = MOECAL_FNV_BASIS;
 
     snprintf(path, sizeof path, "%s/config.json", moecal_model_dir(j->model));
     h = fnv_file(h, path);
     snprintf(path, sizeof path, "%s/model.safetensors.index.json", moecal_model_dir(j->model));
     h = fnv_file(h, path);
     if (stat(act_path, &st) == 0)
-        h = fnv(h, &st.st_size, sizeof st.st_size);
+        h = moecal_fnv1a(h, &st.st_size, sizeof st.st_size);
     snprintf(opts, sizeof opts, "T=%lld chunk=%lld all=%d q=%d nf=%d rl=%d", (long long)j->T,
              (long long)j->chunk, (int)p->all_experts, (int)p->qfmt, (int)p->nonfinite,
              j->prec);
-    h = fnv(h, opts, strlen(opts));
-    h = fnv(h, j->layers, (size_t)j->L * sizeof *j->layers);
+    h = moecal_fnv1a(h, opts, strlen(opts));
+    h = moecal_fnv1a(h, j->layers, (size_t)j->L * sizeof *j->layers);
     return h;
 }
 

@@ -29,6 +29,7 @@
 #include "nvfp4.h"
 #include "runtime.h"
 #include "safetensors.h"
+#include "util.h"
 
 #define INDEX_NAME "model.safetensors.index.json"
 #define TMP_SUFFIX ".moecal-tmp"
@@ -39,15 +40,6 @@ typedef unsigned long long ull;
 
 /* ------------------------------------------------------------------ fingerprint */
 
-static uint64_t fnv(uint64_t h, const void *data, size_t n)
-{
-    const unsigned char *p = data;
-    for (size_t i = 0; i < n; i++) {
-        h ^= p[i];
-        h *= 1099511628211ULL;
-    }
-    return h;
-}
 
 static moecal_status fnv_path(uint64_t *h, const char *path, uint64_t limit)
 {
@@ -74,7 +66,7 @@ static moecal_status fnv_path(uint64_t *h, const char *path, uint64_t limit)
         }
         if (n == 0)
             break;
-        *h = fnv(*h, buf, (size_t)n);
+        *h = moecal_fnv1a(*h, buf, (size_t)n);
         done += (uint64_t)n;
     }
     close(fd);
@@ -83,7 +75,7 @@ static moecal_status fnv_path(uint64_t *h, const char *path, uint64_t limit)
 
 moecal_status moecal_checkpoint_fingerprint(moecal_model *m, char hex[17])
 {
-    uint64_t h = 1469598103934665603ULL;
+    uint64_t h = MOECAL_FNV_BASIS;
     char path[4200];
 
     snprintf(path, sizeof path, "%s/config.json", moecal_model_dir(m));
@@ -92,7 +84,7 @@ moecal_status moecal_checkpoint_fingerprint(moecal_model *m, char hex[17])
         const moecal_st_file *f;
         const char *name = moecal_model_shard_name(m, i);
         MOECAL_TRY(moecal_model_shard_open(m, i, &f));
-        h = fnv(h, name, strlen(name) + 1);
+        h = moecal_fnv1a(h, name, strlen(name) + 1);
         /* the header: every tensor's name, dtype, shape and offsets */
         MOECAL_TRY(fnv_path(&h, moecal_st_path(f), moecal_st_data_offset(f)));
     }

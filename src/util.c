@@ -8,6 +8,16 @@
 
 #include "util.h"
 
+uint64_t moecal_fnv1a(uint64_t h, const void *data, size_t n)
+{
+    const unsigned char *b = data;
+    for (size_t i = 0; i < n; i++) {
+        h ^= b[i];
+        h *= 1099511628211ULL;
+    }
+    return h;
+}
+
 const char *moecal_file_kind(mode_t mode)
 {
     if (S_ISREG(mode))

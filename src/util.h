@@ -2,6 +2,8 @@
 #ifndef MOECAL_UTIL_H
 #define MOECAL_UTIL_H
 
+#include <stddef.h>
+#include <stdint.h>
 #include <sys/types.h>
 
 #include "error.h"
@@ -18,5 +20,9 @@ moecal_status moecal_check_regular(const char *path, const char *role);
 /* The same, race-free: open read-only without blocking (a FIFO with no
  * writer), check with fstat, then clear O_NONBLOCK.  *fd on success. */
 moecal_status moecal_open_regular(const char *path, const char *role, int *fd);
+
+/* FNV-1a, 64 bits: h (start with MOECAL_FNV_BASIS) updated with n bytes. */
+#define MOECAL_FNV_BASIS 1469598103934665603ULL
+uint64_t moecal_fnv1a(uint64_t h, const void *data, size_t n);
 
 #endif
