@@ -373,6 +373,7 @@ static moecal_status open_layer(moecal_act *a, hid_t layers_g, hid_t lapl,
     }
     /* A chunked dataset whose chunks were never written (a capture that
      * died after creating it) reads as zeros: input amax 0, scale 0. */
+#ifdef HAVE_H5DGET_NUM_CHUNKS /* HDF5 >= 1.10.5 */
     {
         hsize_t cd[2], nch = 0;
         if (H5Pget_layout(dcpl) == H5D_CHUNKED && H5Pget_chunk(dcpl, 2, cd) == 2 && cd[0] &&
@@ -389,6 +390,7 @@ static moecal_status open_layer(moecal_act *a, hid_t layers_g, hid_t lapl,
             }
         }
     }
+#endif
     *dt = classify_float(type);
     if (*dt == MOECAL_DT_UNKNOWN) {
         describe_type(type, what, sizeof what);

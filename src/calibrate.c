@@ -342,9 +342,10 @@ static moecal_status check_output(const moecal_calib_params *p, const char *act)
         return moecal_error_set(MOECAL_ERR_EXISTS, "%s is a directory; the output is a file",
                                 out);
     snprintf(dir, sizeof dir, "%.*s", base == out ? 1 : (int)(base - out), base == out ? "." : out);
-    if (stat(dir, &si) != 0 || !S_ISDIR(si.st_mode))
-        return moecal_error_errno(errno ? errno : ENOTDIR, "%s: the output's directory %s",
-                                  out, dir);
+    if (stat(dir, &si) != 0)
+        return moecal_error_errno(errno, "%s: the output's directory %s", out, dir);
+    if (!S_ISDIR(si.st_mode))
+        return moecal_error_errno(ENOTDIR, "%s: the output's directory %s", out, dir);
     if (access(dir, W_OK) != 0)
         return moecal_error_errno(errno, "%s: cannot write in %s", out, dir);
     /* OUT.safetensors named model.safetensors in the model's directory
@@ -620,7 +621,9 @@ static void warn_zero_amax(const job *j, const int64_t *skipped)
 {
     int64_t *zero = calloc((size_t)j->L, sizeof *zero), *tot = calloc((size_t)j->L, sizeof *tot);
 
-    if (zero && tot) {
+    if (!zero || !tot) /* every rank must reach the reduction: none goes on */
+        moecal_fatal(moecal_error_set(MOECAL_ERR_NOMEM, "out of memory"));
+    {
         for (int li = 0; li < j->L; li++)
             for (int k = 0; k < j->n; k++) {
                 const float *a = &j->amax_final[((size_t)li * (size_t)j->n + (size_t)k) * 3];
@@ -1093,10 +1096,13 @@ moecal_status moecal_calibrate_run(const moecal_comm *c, const moecal_calib_para
                     s = moecal_amax_write_hf_config(stage[2], &m, &t);
                 if (s == MOECAL_OK)
                     s = moecal_amax_write_safetensors(stage[3], &m, j.model, &t);
-                for (int k = 0; s == MOECAL_OK && k < N_SIDE; k++, renamed++)
+                for (int k = 0; s == MOECAL_OK && k < N_SIDE; k++) {
                     if (rename(stage[k], fin[k]) != 0)
                         s = moecal_error_errno(errno, "%s: rename from %s failed", fin[k],
                                                stage[k]);
+                    else
+                        renamed++;
+                }
                 if (s == MOECAL_OK && rename(tmp_path, p->output) != 0)
                     s = moecal_error_errno(errno, "%s: rename from %s failed", p->output,
                                            tmp_path);

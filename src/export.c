@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -276,6 +277,15 @@ static moecal_status plan_shard(job *j, size_t i, plan *pl)
             }
             moecal_error_clear();
         }
+        if (t->dtype == MOECAL_DT_F8_E4M3)
+            /* config.json loses its quantization_config: raw FP8 codes would
+             * be read as weights without their scales */
+            return moecal_error_set(MOECAL_ERR_UNSUPPORTED,
+                                    "%s: tensor '%s' is F8_E4M3 %s; export writes FP8 weights "
+                                    "as BF16 with their 2-D block scales (<name>_scale_inv) and "
+                                    "cannot carry it over", moecal_st_path(f), t->name,
+                                    t->ndim == 2 ? "without a weight_scale_inv" : "of more than "
+                                    "2 dimensions");
         MOECAL_TRY(plan_add(pl, t->name, NULL, t->dtype, t->ndim, t->shape, OUT_COPY, &o));
         o->file = f;
         o->src = t;
@@ -799,6 +809,18 @@ static void remove_tree(const char *path)
     nftw(path, remove_one, 16, FTW_DEPTH | FTW_PHYS);
 }
 
+/* Is out the input, or a directory above it?  (--force replaces out.) */
+static bool holds_input(const char *out, const char *input)
+{
+    char ro[PATH_MAX], ri[PATH_MAX];
+    size_t n;
+
+    if (!realpath(out, ro) || !realpath(input, ri))
+        return false;
+    n = strlen(ro);
+    return strncmp(ro, ri, n) == 0 && (ri[n] == '\0' || ri[n] == '/' || (n == 1 && ro[0] == '/'));
+}
+
 static bool exists(const char *path)
 {
     struct stat st;
@@ -835,12 +857,10 @@ moecal_status moecal_export_run(const moecal_comm *c, const moecal_export_params
     snprintf(j.tmp, sizeof j.tmp, "%s%s", p->output, TMP_SUFFIX);
     snprintf(j.old, sizeof j.old, "%s%s", p->output, OLD_SUFFIX);
     if (c->rank == 0) {
-        struct stat so, si;
-        if (stat(p->output, &so) == 0 &&
-            ((stat(p->model_dir, &si) == 0 && si.st_dev == so.st_dev && si.st_ino == so.st_ino) ||
-             (stat(p->amax_path, &si) == 0 && si.st_dev == so.st_dev && si.st_ino == so.st_ino)))
-            s = moecal_error_set(MOECAL_ERR_USAGE, "command line: -o %s is an input of the "
-                                 "export; it would be replaced", p->output);
+        if (holds_input(p->output, p->model_dir) || holds_input(p->output, p->amax_path))
+            s = moecal_error_set(MOECAL_ERR_USAGE, "command line: -o %s is or holds an input of "
+                                 "the export (%s, %s); it would be replaced", p->output,
+                                 p->model_dir, p->amax_path);
         else if (exists(p->output) && !p->force)
             s = moecal_error_set(MOECAL_ERR_EXISTS, "%s exists; use --force to replace it",
                                  p->output);
@@ -897,17 +917,24 @@ moecal_status moecal_export_run(const moecal_comm *c, const moecal_export_params
             remove_tree(j.tmp);
         } else {
             moecal_status r = MOECAL_OK;
+            bool moved = false;  /* the old output is at j.old, moved there now */
             if (exists(p->output)) {
                 if (exists(j.old))
                     remove_tree(j.old);
                 if (rename(p->output, j.old) != 0)
                     r = moecal_error_errno(errno, "%s: cannot move the old output aside to %s",
                                            p->output, j.old);
+                else
+                    moved = true;
             }
-            if (r == MOECAL_OK && rename(j.tmp, p->output) != 0)
+            if (r == MOECAL_OK && rename(j.tmp, p->output) != 0) {
                 r = moecal_error_errno(errno, "%s: cannot rename %s to it", p->output, j.tmp);
-            if (r == MOECAL_OK && exists(j.old))
+                /* put the old output back where it was */
+                if (moved && rename(j.old, p->output) != 0)
+                    moecal_warn("the previous %s is kept as %s", p->output, j.old);
+            } else if (r == MOECAL_OK && moved) {
                 remove_tree(j.old);
+            }
             if (r != MOECAL_OK)
                 remove_tree(j.tmp);
             s = r;

@@ -165,8 +165,9 @@ moecal_opts *moecal_cmd_begin(const char *cmd, const moecal_optdef *defs, const 
     moecal_opts *o = NULL;
     moecal_status s = moecal_opts_parse(cmd, defs, pos_usage, argc, argv, &o);
 
-    if (s != MOECAL_OK)
-        moecal_fatal_all(s);
+    /* collective: a conf file or environment that only some ranks find
+     * wrong must stop every rank, each failed one saying why */
+    moecal_check_all(s);
     if (moecal_opts_help(o)) {
         if (world_rank == 0)
             moecal_opts_usage(cmd, defs, pos_usage, summary, stdout);

@@ -61,4 +61,10 @@ expect_fail 2 $MPIEXEC -n 3 "$TMPDIR/envdiff.sh" "$MOECAL" calibrate --print-con
 expect_msg "rank 1 .*option 'chunk-tokens' is '512' here \(environment \(MOECAL_CHUNK_TOKENS\)\) but '4096' on rank 0"
 expect_fail 2 $MPIEXEC -n 2 "$TMPDIR/envdiff.sh" "$MOECAL" export -m x --amax y -o z
 expect_msg "option .threads. is .3. here"
+# A value only one rank finds wrong: every rank stops, that rank says why
+printf '#!/bin/sh\n[ "${PMI_RANK:-0}" = 1 ] && export MOECAL_THREADS=abc\nexec "$@"\n' \
+    >"$TMPDIR/envbad.sh"
+chmod +x "$TMPDIR/envbad.sh"
+expect_fail 2 $MPIEXEC -n 3 "$TMPDIR/envbad.sh" "$MOECAL" calibrate --print-config
+expect_msg "rank 1 .*MOECAL_THREADS.*takes an integer"
 exit 0

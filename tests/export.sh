@@ -66,8 +66,31 @@ run_mpi 2 "$MOECAL" export -m "$T/bf16" --amax "$T/bf16.h5" -o "$T/outb" --force
 
 # The source itself as the output, even with --force: refused.
 expect_fail 2 "$MOECAL" export -m "$T/bf16" --amax "$T/bf16.h5" -o "$T/bf16" --force
-expect_msg "bf16 is an input of the export"
+expect_msg "bf16 is or holds an input of the export"
 [ -f "$T/bf16/config.json" ] || fail "export --force replaced its own source"
+
+# A directory that holds the inputs as the output, even with --force
+mkdir -p "$T/par"
+cp -r "$T/bf16" "$T/par/m"
+cp "$T/bf16.h5" "$T/par/m.h5"
+expect_fail 2 "$MOECAL" export -m "$T/par/m" --amax "$T/par/m.h5" -o "$T/par" --force
+expect_msg "par is or holds an input of the export"
+[ -f "$T/par/m/config.json" ] || fail "export --force removed the directory of its inputs"
+
+# An FP8 tensor without its block scales cannot be carried over: refused
+# before anything is written
+cp -r "$T/fp8" "$T/noscale"
+"$PYTHON3" - "$T/noscale" <<'EOF' || fail "cannot drop a scale"
+import json, os, sys
+d = sys.argv[1]
+p = os.path.join(d, "model.safetensors.index.json")
+idx = json.load(open(p))
+del idx["weight_map"]["model.layers.1.self_attn.q_a_proj.weight_scale_inv"]
+json.dump(idx, open(p, "w"))
+EOF
+expect_fail 3 $MPIEXEC -n 2 "$MOECAL" export -m "$T/noscale" --amax "$T/fp8.h5" -o "$T/x6"
+expect_msg "q_a_proj.weight' is F8_E4M3 without a weight_scale_inv"
+[ ! -e "$T/x6" ] && [ ! -e "$T/x6.moecal-tmp" ] || fail "output left after a refused export"
 
 # The amax file of another model, of another checkpoint with the same
 # shapes (its weights differ), of one layer only.
