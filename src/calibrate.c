@@ -235,14 +235,11 @@ static void side_path(const char *out, const char *suffix, char *buf, size_t len
 
 static uint64_t fnv_file(uint64_t h, const char *path)
 {
-    unsigned char buf[65536];
-    size_t n;
-    FILE *fp = fopen(path, "rb");
-    if (!fp)
+    /* a missing file (the index of a single-file model) hashes its name */
+    if (moecal_fnv1a_file(&h, path, UINT64_MAX) != MOECAL_OK) {
+        moecal_error_clear();
         return moecal_fnv1a(h, path, strlen(path));
-    while ((n = fread(buf, 1, sizeof buf, fp)) > 0)
-        h = moecal_fnv1a(h, buf, n);
-    fclose(fp);
+    }
     return h;
 }
 

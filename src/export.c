@@ -41,53 +41,20 @@ typedef unsigned long long ull;
 
 /* ------------------------------------------------------------------ fingerprint */
 
-
-static moecal_status fnv_path(uint64_t *h, const char *path, uint64_t limit)
-{
-    unsigned char buf[65536];
-    uint64_t done = 0;
-    struct stat st;
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-
-    if (fd < 0)
-        return moecal_error_errno(errno, "%s: cannot open", path);
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        close(fd);
-        return moecal_error_set(MOECAL_ERR_FORMAT, "%s: not a regular file", path);
-    }
-    while (done < limit) {
-        size_t want = limit - done < sizeof buf ? (size_t)(limit - done) : sizeof buf;
-        ssize_t n = read(fd, buf, want);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0) {
-            int e = errno;
-            close(fd);
-            return moecal_error_errno(e, "%s: read failed", path);
-        }
-        if (n == 0)
-            break;
-        *h = moecal_fnv1a(*h, buf, (size_t)n);
-        done += (uint64_t)n;
-    }
-    close(fd);
-    return MOECAL_OK;
-}
-
 moecal_status moecal_checkpoint_fingerprint(moecal_model *m, char hex[17])
 {
     uint64_t h = MOECAL_FNV_BASIS;
     char path[4200];
 
     snprintf(path, sizeof path, "%s/config.json", moecal_model_dir(m));
-    MOECAL_TRY(fnv_path(&h, path, UINT64_MAX));
+    MOECAL_TRY(moecal_fnv1a_file(&h, path, UINT64_MAX));
     for (size_t i = 0; i < moecal_model_shard_count(m); i++) {
         const moecal_st_file *f;
         const char *name = moecal_model_shard_name(m, i);
         MOECAL_TRY(moecal_model_shard_open(m, i, &f));
         h = moecal_fnv1a(h, name, strlen(name) + 1);
         /* the header: every tensor's name, dtype, shape and offsets */
-        MOECAL_TRY(fnv_path(&h, moecal_st_path(f), moecal_st_data_offset(f)));
+        MOECAL_TRY(moecal_fnv1a_file(&h, moecal_st_path(f), moecal_st_data_offset(f)));
     }
     snprintf(hex, 17, "%016" PRIx64, h);
     return MOECAL_OK;

@@ -20,6 +20,7 @@
 #include <jansson.h>
 
 #include "modelcfg.h"
+#include "util.h"
 
 /* Sanity limits: far above any released model, low enough that products of
  * two sizes (a weight's element count) cannot overflow 64 bits. */
@@ -556,22 +557,12 @@ moecal_status moecal_model_config_load(const char *path, moecal_model_config *cf
     moecal_status rc;
 
     memset(cfg, 0, sizeof *cfg);
-    /* never blocks on a FIFO: O_NONBLOCK until it is known to be a file */
-    fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
-    if (fd < 0)
-        return moecal_error_errno(errno, "%s: cannot open", path);
-    (void)fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+    /* never blocks on a FIFO or reads a device */
+    MOECAL_TRY(moecal_open_regular(path, "config.json", &fd));
     if (fstat(fd, &st) != 0) {
         int e = errno;
         close(fd);
         return moecal_error_errno(e, "%s: cannot stat", path);
-    }
-    if (!S_ISREG(st.st_mode)) {
-        close(fd);
-        return moecal_error_set(MOECAL_ERR_FORMAT, "%s: %s, not a regular file", path,
-                                S_ISDIR(st.st_mode) ? "a directory" : S_ISFIFO(st.st_mode)
-                                ? "a FIFO" : S_ISCHR(st.st_mode) ? "a character device"
-                                : "a special file");
     }
     if ((uint64_t)st.st_size > MAX_CONFIG_BYTES) {
         close(fd);

@@ -248,18 +248,19 @@ static moecal_status read_conf(moecal_opts *o, const char *path)
     ssize_t n;
     moecal_status st = MOECAL_OK;
     struct stat sb;
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    int fd;
     FILE *fp;
 
-    if (fd < 0)
+    /* a bad conf file is a usage error (exit 2), whatever its kind */
+    if ((st = moecal_open_regular(path, "the conf file", &fd)) != MOECAL_OK) {
+        if (st == MOECAL_ERR_FORMAT) /* a FIFO, a device, a directory */
+            return moecal_error_set(MOECAL_ERR_USAGE, "%s", moecal_error_message());
         return moecal_error_set(MOECAL_ERR_USAGE, "%s: cannot open conf file: %s", path,
                                 strerror(errno));
+    }
     if (fstat(fd, &sb) != 0) {
         st = moecal_error_set(MOECAL_ERR_USAGE, "%s: cannot stat conf file: %s", path,
                               strerror(errno));
-    } else if (!S_ISREG(sb.st_mode)) {
-        st = moecal_error_set(MOECAL_ERR_USAGE, "%s: the conf file is %s, not a regular file",
-                              path, moecal_file_kind(sb.st_mode));
     } else if (sb.st_size > (1 << 20)) {
         st = moecal_error_set(MOECAL_ERR_USAGE, "%s: conf file of %lld bytes (at most 1 MB)",
                               path, (long long)sb.st_size);
@@ -268,7 +269,6 @@ static moecal_status read_conf(moecal_opts *o, const char *path)
         close(fd);
         return st;
     }
-    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
     if (!(fp = fdopen(fd, "r"))) {
         close(fd);
         return moecal_error_set(MOECAL_ERR_USAGE, "%s: cannot read conf file: %s", path,

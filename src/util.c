@@ -18,6 +18,32 @@ uint64_t moecal_fnv1a(uint64_t h, const void *data, size_t n)
     return h;
 }
 
+moecal_status moecal_fnv1a_file(uint64_t *h, const char *path, uint64_t limit)
+{
+    unsigned char buf[65536];
+    uint64_t done = 0;
+    int fd;
+
+    MOECAL_TRY(moecal_open_regular(path, "the file", &fd));
+    while (done < limit) {
+        size_t want = limit - done < sizeof buf ? (size_t)(limit - done) : sizeof buf;
+        ssize_t n = read(fd, buf, want);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0) {
+            int e = errno;
+            close(fd);
+            return moecal_error_errno(e, "%s: read failed", path);
+        }
+        if (n == 0)
+            break;
+        *h = moecal_fnv1a(*h, buf, (size_t)n);
+        done += (uint64_t)n;
+    }
+    close(fd);
+    return MOECAL_OK;
+}
+
 const char *moecal_file_kind(mode_t mode)
 {
     if (S_ISREG(mode))
@@ -55,8 +81,12 @@ moecal_status moecal_open_regular(const char *path, const char *role, int *fd)
     int f = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
 
     *fd = -1;
-    if (f < 0)
-        return moecal_error_errno(errno, "%s: cannot open %s", path, role);
+    if (f < 0) {
+        int e = errno;
+        moecal_status s = moecal_error_errno(e, "%s: cannot open %s", path, role);
+        errno = e; /* for callers that word the message themselves */
+        return s;
+    }
     if (fstat(f, &st) != 0) {
         int e = errno;
         close(f);

@@ -18,11 +18,15 @@ const char *moecal_file_kind(mode_t mode);
  * (missing, a symbolic link loop, no permission: exit 4). */
 moecal_status moecal_check_regular(const char *path, const char *role);
 /* The same, race-free: open read-only without blocking (a FIFO with no
- * writer), check with fstat, then clear O_NONBLOCK.  *fd on success. */
+ * writer), check with fstat, then clear O_NONBLOCK.  *fd on success; when
+ * the open itself fails, errno is left as open set it. */
 moecal_status moecal_open_regular(const char *path, const char *role, int *fd);
 
 /* FNV-1a, 64 bits: h (start with MOECAL_FNV_BASIS) updated with n bytes. */
 #define MOECAL_FNV_BASIS 1469598103934665603ULL
 uint64_t moecal_fnv1a(uint64_t h, const void *data, size_t n);
+/* *h updated with the first limit bytes of the regular file path (all of it
+ * for UINT64_MAX), read without blocking on a special file. */
+moecal_status moecal_fnv1a_file(uint64_t *h, const char *path, uint64_t limit);
 
 #endif
