@@ -32,9 +32,10 @@ san() { # tool case...
 rc_mem=$(SAN_EXTRA="--leak-check full" san memcheck test_deepseek_odd_shapes \
     test_deepseek_h200_i72 test_skip_rows test_all_experts test_empty_range_and_chunk \
     test_async_misuse test_nonfinite_weights_refused test_memory_limit_and_device \
-    test_fp8_weights test_dgemm_router_exactness test_many_slots test_logit_precisions)
+    test_fp8_weights test_dgemm_router_exactness test_many_slots test_logit_precisions \
+    test_nvfp4_quantizer)
 rc_race=$(san racecheck test_deepseek_odd_shapes test_deepseek_h200_i72 test_all_experts \
-    test_dgemm_router_exactness test_many_slots test_logit_precisions)
+    test_dgemm_router_exactness test_many_slots test_logit_precisions test_nvfp4_quantizer)
 rc_sync=$(san synccheck test_deepseek_odd_shapes test_all_experts test_many_slots)
 t2=$(date +%s)
 

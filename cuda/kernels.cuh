@@ -12,6 +12,7 @@
 
 #include <cub/block/block_scan.cuh>
 
+#include "nvfp4_math.h" /* moecal_nv_bf16_rne */
 #include "route_math.h"
 
 namespace moecal_cuda {
@@ -866,15 +867,6 @@ struct e4m3_lut {
     float v[256];
 };
 
-__device__ __forceinline__ uint16_t bf16_rne_bits(float x)
-{
-    unsigned u = __float_as_uint(x);
-    if ((u & 0x7fffffffu) > 0x7f800000u)
-        return (uint16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
 __global__ void k_dequant_fp8(const uint8_t *__restrict__ q, const float *__restrict__ scale,
                               int64_t nb, int I, int H, int block, int nbr, int nbc, int half,
                               e4m3_lut lut, uint16_t *__restrict__ w13)
@@ -884,7 +876,7 @@ __global__ void k_dequant_fp8(const uint8_t *__restrict__ q, const float *__rest
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         const int64_t e = i / per, r = (i % per) / H, c = i % H;
         const float s = scale[(e * nbr + r / block) * nbc + c / block];
-        w13[(e * 2 + half) * per + r * H + c] = bf16_rne_bits(__fmul_rn(lut.v[q[i]], s));
+        w13[(e * 2 + half) * per + r * H + c] = moecal_nv_bf16_rne(__fmul_rn(lut.v[q[i]], s));
     }
 }
 

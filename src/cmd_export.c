@@ -22,7 +22,9 @@ static const moecal_optdef defs[] = {
      MOECAL_OPTF_NOENV, 0, 0},
     {"force", 'f', MOECAL_OPT_FLAG, "0", NULL, NULL, "replace an existing output", 0, 0, 0},
     {"threads", 't', MOECAL_OPT_INT, "0", NULL, "N",
-     "threads per rank that quantize (0: OpenMP's default)", 0, 0, 4096},
+     "workers per rank that read, quantize and write (0: OpenMP's default)", 0, 0, 4096},
+    {"backend", 'b', MOECAL_OPT_CHOICE, "auto", "cpu|cuda|auto", "NAME",
+     "where to quantize (auto: the GPU when one is present; the bytes are the same)", 0, 0, 0},
     {"quiet", 0, MOECAL_OPT_FLAG, "0", NULL, NULL, "print errors only", 0, 0, 0},
     {"verbose", 'v', MOECAL_OPT_INT, "1", NULL, "LEVEL",
      "what rank 0 prints: 0 errors, 1 progress, 2 details, 3 debug", 0, 0, 3},
@@ -35,8 +37,9 @@ static const char summary[] =
     "Write an NVFP4 checkpoint (Model-Optimizer's \"modelopt\" format, served by vLLM,\n"
     "SGLang and TensorRT-LLM) from a checkpoint and its amax file: every routed expert\n"
     "projection becomes NVFP4 with the calibrated scales; other FP8 weights become\n"
-    "BF16; everything else is copied.  Ranks split the shard files; the output is the\n"
-    "same bytes for any number of ranks.";
+    "BF16; everything else is copied.  Ranks split the shard files, threads the\n"
+    "tensors; the output is the same bytes for any number of ranks and threads and\n"
+    "either backend.";
 
 int moecal_cmd_export(int argc, char **argv)
 {
@@ -56,6 +59,7 @@ int moecal_cmd_export(int argc, char **argv)
     p.output = moecal_opts_str(o, "output");
     p.force = moecal_opts_flag(o, "force");
     p.threads = (int)moecal_opts_int(o, "threads");
+    p.backend = moecal_opts_str(o, "backend");
 
     s = moecal_comm_init(MPI_COMM_WORLD, &c);
     moecal_check_all(s);

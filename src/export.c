@@ -11,9 +11,11 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -28,6 +30,9 @@
 #include "fp8.h"
 #include "model.h"
 #include "nvfp4.h"
+#ifdef HAVE_CUDA
+#include "../cuda/nvfp4_cuda.h"
+#endif
 #include "runtime.h"
 #include "safetensors.h"
 #include "util.h"
@@ -35,7 +40,9 @@
 #define INDEX_NAME "model.safetensors.index.json"
 #define TMP_SUFFIX ".moecal-tmp"
 #define OLD_SUFFIX ".moecal-old"
-#define COPY_PIECE ((size_t)64 << 20)
+#define COPY_PIECE ((size_t)16 << 20)
+/* per rank: bytes read, written, peak host MiB, GPU MiB, on GPU, seconds */
+#define NSTAT 6
 
 typedef unsigned long long ull;
 
@@ -270,18 +277,59 @@ static uint64_t out_bytes(const out_tensor *o)
     return n;
 }
 
-static moecal_status write_copy(moecal_st_writer *w, const out_tensor *o, void *buf)
+/* ------------------------------------------------------------------ the work */
+
+/* One unit of work: an output tensor, or a piece of a large copied one. */
+typedef struct work_item {
+    size_t shard, k;
+    uint64_t off;                /* OUT_COPY: the piece's first byte */
+} work_item;
+
+/* The rank's shards, their writers and the items, shared by its workers. */
+typedef struct pool {
+    job *j;
+    const plan *plans;
+    moecal_st_writer **w;        /* [nshards], the rank's own ones open */
+    work_item *items;
+    size_t nitems, next;
+    size_t max_elems, max_scales;/* the largest expert projection */
+    int device;                  /* CUDA device, -1: quantize on the CPU */
+    pthread_mutex_t mu;
+    moecal_status st;            /* the first failure */
+    char msg[2048];
+    uint64_t bytes_in, bytes_out;
+    size_t gpu_bytes;            /* device memory, all workers */
+} pool;
+
+/* A worker's buffers, grown to the largest item it has taken. */
+typedef struct worker {
+    pool *pl;
+    void *copy;
+    uint16_t *wb;
+    uint8_t *packed, *scales;
+    size_t cap;                  /* elements wb/packed/scales hold */
+#ifdef HAVE_CUDA
+    moecal_nvfp4_gpu *gpu;
+#endif
+    uint64_t bytes_in, bytes_out;
+} worker;
+
+static moecal_status write_copy(worker *wk, moecal_st_writer *w, const out_tensor *o,
+                                uint64_t off)
 {
     uint64_t total = o->src->end - o->src->begin;
-    for (uint64_t off = 0; off < total; off += COPY_PIECE) {
-        size_t n = total - off < COPY_PIECE ? (size_t)(total - off) : COPY_PIECE;
-        MOECAL_TRY(moecal_st_read_range(o->file, o->src, off, buf, n));
-        MOECAL_TRY(moecal_st_writer_write_at(w, o->name, off, buf, n));
-    }
+    size_t n = total - off < COPY_PIECE ? (size_t)(total - off) : COPY_PIECE;
+
+    if (!wk->copy && !(wk->copy = malloc(COPY_PIECE)))
+        return moecal_error_set(MOECAL_ERR_NOMEM, "export: no memory for a copy buffer");
+    MOECAL_TRY(moecal_st_read_range(o->file, o->src, off, wk->copy, n));
+    MOECAL_TRY(moecal_st_writer_write_at(w, o->name, off, wk->copy, n));
+    wk->bytes_in += n;
+    wk->bytes_out += n;
     return MOECAL_OK;
 }
 
-static moecal_status write_bf16(job *j, moecal_st_writer *w, const out_tensor *o)
+static moecal_status write_bf16(job *j, worker *wk, moecal_st_writer *w, const out_tensor *o)
 {
     const moecal_st_tensor *t = o->src, *s = o->scale;
     size_t rows = (size_t)t->shape[0], cols = (size_t)t->shape[1];
@@ -322,6 +370,8 @@ static moecal_status write_bf16(job *j, moecal_st_writer *w, const out_tensor *o
         goto out;
     }
     st = moecal_st_writer_write(w, o->name, out, rows * cols * sizeof *out);
+    wk->bytes_in += rows * cols + nbr * nbc * sizeof *sc;
+    wk->bytes_out += rows * cols * sizeof *out;
 out:
     free(q);
     free(sc);
@@ -342,119 +392,323 @@ static float amax_at(const job *j, const float *table, int li, int e, int p)
     return table[moecal_amax_idx(j->amax, li, e, p)];
 }
 
-static moecal_status write_nvfp4(job *j, moecal_st_writer *w, const plan *pl, size_t k)
+/* The scales of an expert projection from the amax file: *s2 (gate and up
+ * share the larger weight amax: engines fuse them into one GEMM) and *is. */
+static moecal_status expert_scales(const job *j, const out_tensor *o, float *s2, float *is)
 {
-    const out_tensor *o = &pl->t[k];
     const int li = o->li, e = o->e, p = o->p, layer = j->amax->layers[li];
-    const size_t N = (size_t)o->src->shape[0], K = (size_t)o->src->shape[1];
-    uint16_t *wb = malloc(N * K * sizeof *wb);
-    uint8_t *packed = malloc(N * K / 2), *scales = malloc(N * K / MOECAL_NVFP4_BLOCK);
-    float amax = 0.0f;
-    moecal_status st = MOECAL_OK;
+    const float *wa = j->amax->weight_amax, *ia = j->amax->input_amax;
+    float w = p == MOECAL_W2 ? amax_at(j, wa, li, e, p)
+                             : fmaxf(amax_at(j, wa, li, e, MOECAL_W1),
+                                     amax_at(j, wa, li, e, MOECAL_W3));
+    float x = amax_at(j, ia, li, e, p);
 
-    if (!wb || !packed || !scales) {
-        st = moecal_error_set(MOECAL_ERR_NOMEM, "%s: no memory to quantize '%s' (%zu x %zu)",
-                              moecal_st_path(o->file), o->src->name, N, K);
-        goto out;
-    }
-    /* dequantized exactly as calibrate did; shape, dtype and NaN checked */
-    if ((st = moecal_model_load_expert(j->model, layer, e, p, wb, &amax)) != MOECAL_OK)
-        goto out;
-    float want = amax_at(j, j->amax->weight_amax, li, e, p);
-    if (f2u(amax) != f2u(want)) {
-        st = moecal_error_set(MOECAL_ERR_MISMATCH,
-                              "%s: tensor '%s' has amax %.9g but %s recorded %.9g for it (layer "
-                              "%d expert %d %s): the checkpoint is not the one calibrated",
-                              moecal_st_path(o->file), o->src->name, (double)amax,
-                              j->p->amax_path, (double)want, layer, e, moecal_proj_name[p]);
-        goto out;
-    }
-    /* gate and up share one weight_scale_2: engines fuse them into one GEMM */
-    float wa = p == MOECAL_W2 ? want
-                              : fmaxf(amax_at(j, j->amax->weight_amax, li, e, MOECAL_W1),
-                                      amax_at(j, j->amax->weight_amax, li, e, MOECAL_W3));
-    float ia = amax_at(j, j->amax->input_amax, li, e, p);
-    if (p != MOECAL_W2 && f2u(amax_at(j, j->amax->input_amax, li, e, MOECAL_W1)) !=
-                              f2u(amax_at(j, j->amax->input_amax, li, e, MOECAL_W3))) {
-        st = moecal_error_set(MOECAL_ERR_FORMAT, "%s: layer %d expert %d: gate and up input "
-                              "amax differ (%.9g, %.9g) but see the same input",
-                              j->p->amax_path, layer, e,
-                              (double)amax_at(j, j->amax->input_amax, li, e, MOECAL_W1),
-                              (double)amax_at(j, j->amax->input_amax, li, e, MOECAL_W3));
-        goto out;
-    }
-    if (!(wa > 0.0f)) {
-        st = moecal_error_set(MOECAL_ERR_UNSUPPORTED, "%s: tensor '%s' (layer %d expert %d): "
-                              "weight amax %g: an all-zero weight has no NVFP4 scale",
-                              moecal_st_path(o->file), o->src->name, layer, e, (double)wa);
-        goto out;
-    }
-    if (!(ia > 0.0f)) {
-        st = moecal_error_set(MOECAL_ERR_UNSUPPORTED, "%s: layer %d expert %d %s: input amax %g: "
-                              "no token reached it, and an input_scale of 0 cannot be served",
-                              j->p->amax_path, layer, e, moecal_proj_name[p], (double)ia);
-        goto out;
-    }
-    const float s2 = moecal_nvfp4_scale2(wa), is = moecal_nvfp4_scale2(ia);
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(j->threads) schedule(static)
-#endif
-    for (size_t r = 0; r < N; r++)
-        moecal_nvfp4_quantize_row_bf16(wb + r * K, K, s2, packed + r * (K / 2),
-                                       scales + r * (K / MOECAL_NVFP4_BLOCK));
-    if ((st = moecal_st_writer_write(w, pl->t[k].name, packed, N * K / 2)) != MOECAL_OK ||
-        (st = moecal_st_writer_write(w, pl->t[k + 1].name, scales, N * K / MOECAL_NVFP4_BLOCK)) !=
-            MOECAL_OK ||
-        (st = moecal_st_writer_write(w, pl->t[k + 2].name, &s2, sizeof s2)) != MOECAL_OK ||
-        (st = moecal_st_writer_write(w, pl->t[k + 3].name, &is, sizeof is)) != MOECAL_OK)
-        goto out;
-out:
-    free(wb);
-    free(packed);
-    free(scales);
-    return st;
+    if (p != MOECAL_W2 &&
+        f2u(amax_at(j, ia, li, e, MOECAL_W1)) != f2u(amax_at(j, ia, li, e, MOECAL_W3)))
+        return moecal_error_set(MOECAL_ERR_FORMAT, "%s: layer %d expert %d: gate and up input "
+                                "amax differ (%.9g, %.9g) but see the same input",
+                                j->p->amax_path, layer, e,
+                                (double)amax_at(j, ia, li, e, MOECAL_W1),
+                                (double)amax_at(j, ia, li, e, MOECAL_W3));
+    if (!(w > 0.0f))
+        return moecal_error_set(MOECAL_ERR_UNSUPPORTED, "%s: tensor '%s' (layer %d expert %d): "
+                                "weight amax %g: an all-zero weight has no NVFP4 scale",
+                                moecal_st_path(o->file), o->src->name, layer, e, (double)w);
+    if (!(x > 0.0f))
+        return moecal_error_set(MOECAL_ERR_UNSUPPORTED, "%s: layer %d expert %d %s: input amax "
+                                "%g: no token reached it, and an input_scale of 0 cannot be "
+                                "served", j->p->amax_path, layer, e, moecal_proj_name[p],
+                                (double)x);
+    *s2 = moecal_nvfp4_scale2(w);
+    *is = moecal_nvfp4_scale2(x);
+    return MOECAL_OK;
 }
 
-static moecal_status write_shard(job *j, size_t i, const plan *plp)
+/* The weight's amax, as the source holds it, must be the one calibrated. */
+static moecal_status check_weight_amax(const job *j, const out_tensor *o, float amax)
 {
-    const plan pl = *plp;
+    float want = amax_at(j, j->amax->weight_amax, o->li, o->e, o->p);
+
+    if (f2u(amax) == f2u(want))
+        return MOECAL_OK;
+    return moecal_error_set(MOECAL_ERR_MISMATCH,
+                            "%s: tensor '%s' has amax %.9g but %s recorded %.9g for it (layer "
+                            "%d expert %d %s): the checkpoint is not the one calibrated",
+                            moecal_st_path(o->file), o->src->name, (double)amax,
+                            j->p->amax_path, (double)want, j->amax->layers[o->li], o->e,
+                            moecal_proj_name[o->p]);
+}
+
+static moecal_status grow(worker *wk, size_t n)
+{
+    if (n <= wk->cap)
+        return MOECAL_OK;
+    free(wk->wb);
+    free(wk->packed);
+    free(wk->scales);
+    wk->wb = malloc(n * sizeof *wk->wb);
+    wk->packed = malloc(n / 2);
+    wk->scales = malloc(n / MOECAL_NVFP4_BLOCK);
+    wk->cap = wk->wb && wk->packed && wk->scales ? n : 0;
+    if (!wk->cap)
+        return moecal_error_set(MOECAL_ERR_NOMEM, "export: no memory to quantize a tensor of "
+                                "%zu elements", n);
+    return MOECAL_OK;
+}
+
+/* Quantize on the CPU: the reference. */
+static moecal_status quantize_cpu(job *j, worker *wk, const out_tensor *o, float s2,
+                                  const uint8_t **packed, const uint8_t **scales)
+{
+    const size_t N = (size_t)o->src->shape[0], K = (size_t)o->src->shape[1];
+    float amax = 0.0f;
+
+    MOECAL_TRY(grow(wk, N * K));
+    /* dequantized exactly as calibrate did; shape, dtype and NaN checked */
+    MOECAL_TRY(moecal_model_load_expert(j->model, j->amax->layers[o->li], o->e, o->p, wk->wb,
+                                        &amax));
+    MOECAL_TRY(check_weight_amax(j, o, amax));
+    for (size_t r = 0; r < N; r++)
+        moecal_nvfp4_quantize_row_bf16(wk->wb + r * K, K, s2, wk->packed + r * (K / 2),
+                                       wk->scales + r * (K / MOECAL_NVFP4_BLOCK));
+    *packed = wk->packed;
+    *scales = wk->scales;
+    return MOECAL_OK;
+}
+
+#ifdef HAVE_CUDA
+/* Quantize on the GPU from the source's own bytes (nvfp4_cuda.h); F16 and
+ * F32 sources are converted to bf16 on the CPU first. */
+static moecal_status quantize_gpu(job *j, worker *wk, const out_tensor *o, float s2,
+                                  const uint8_t **packed, const uint8_t **scales)
+{
+    const size_t N = (size_t)o->src->shape[0], K = (size_t)o->src->shape[1];
+    const int layer = j->amax->layers[o->li];
+    const moecal_nvfp4_gpu_host *h;
+    moecal_nvfp4_gpu_result res;
+    moecal_dtype dt;
+
+    if (!wk->gpu)
+        MOECAL_TRY(moecal_nvfp4_gpu_create(wk->pl->device, wk->pl->max_elems,
+                                           wk->pl->max_scales, &wk->gpu));
+    h = moecal_nvfp4_gpu_buffers(wk->gpu);
+    MOECAL_TRY(moecal_model_read_expert_raw(j->model, layer, o->e, o->p, h->w, h->scale_inv,
+                                            &dt));
+    if (dt != MOECAL_DT_F8_E4M3 && dt != MOECAL_DT_BF16)
+        MOECAL_TRY(moecal_model_load_expert(j->model, layer, o->e, o->p, h->w, NULL));
+    MOECAL_TRY(moecal_nvfp4_gpu_quantize(wk->gpu, dt == MOECAL_DT_F8_E4M3, N, K,
+                                         (size_t)j->cfg->weight_block[0], s2, &res));
+    if (res.nonfinite)
+        return moecal_error_set(MOECAL_ERR_NONFINITE, "%s: tensor '%s' holds %llu NaN or Inf "
+                                "values", moecal_st_path(o->file), o->src->name,
+                                (ull)res.nonfinite);
+    MOECAL_TRY(check_weight_amax(j, o, res.amax));
+    *packed = h->packed;
+    *scales = h->scales;
+    return MOECAL_OK;
+}
+#endif
+
+static moecal_status write_nvfp4(job *j, worker *wk, moecal_st_writer *w, const plan *pl,
+                                 size_t k)
+{
+    const out_tensor *o = &pl->t[k];
+    const size_t N = (size_t)o->src->shape[0], K = (size_t)o->src->shape[1];
+    const uint8_t *packed = NULL, *scales = NULL;
+    float s2, is;
+
+    MOECAL_TRY(expert_scales(j, o, &s2, &is));
+#ifdef HAVE_CUDA
+    if (wk->pl->device >= 0)
+        MOECAL_TRY(quantize_gpu(j, wk, o, s2, &packed, &scales));
+    else
+#endif
+        MOECAL_TRY(quantize_cpu(j, wk, o, s2, &packed, &scales));
+    MOECAL_TRY(moecal_st_writer_write(w, pl->t[k].name, packed, N * K / 2));
+    MOECAL_TRY(moecal_st_writer_write(w, pl->t[k + 1].name, scales, N * K / MOECAL_NVFP4_BLOCK));
+    MOECAL_TRY(moecal_st_writer_write(w, pl->t[k + 2].name, &s2, sizeof s2));
+    MOECAL_TRY(moecal_st_writer_write(w, pl->t[k + 3].name, &is, sizeof is));
+    wk->bytes_in += (uint64_t)(o->src->end - o->src->begin);
+    wk->bytes_out += N * K / 2 + N * K / MOECAL_NVFP4_BLOCK + 2 * sizeof(float);
+    return MOECAL_OK;
+}
+
+static moecal_status run_item(worker *wk, const work_item *it)
+{
+    pool *pl = wk->pl;
+    const plan *p = &pl->plans[it->shard];
+    moecal_st_writer *w = pl->w[it->shard];
+
+    switch (p->t[it->k].kind) {
+    case OUT_COPY:
+        return write_copy(wk, w, &p->t[it->k], it->off);
+    case OUT_BF16:
+        return write_bf16(pl->j, wk, w, &p->t[it->k]);
+    case OUT_W:
+        return write_nvfp4(pl->j, wk, w, p, it->k);
+    default:
+        return MOECAL_OK; /* written with their OUT_W */
+    }
+}
+
+/* A worker takes the next item until none is left or one has failed. */
+static void *worker_main(void *arg)
+{
+    worker *wk = arg;
+    pool *pl = wk->pl;
+
+#ifdef _OPENMP
+    omp_set_num_threads(1); /* the workers are the parallelism */
+#endif
+    for (;;) {
+        pthread_mutex_lock(&pl->mu);
+        size_t i = pl->st == MOECAL_OK && pl->next < pl->nitems ? pl->next++ : SIZE_MAX;
+        pthread_mutex_unlock(&pl->mu);
+        if (i == SIZE_MAX)
+            break;
+        moecal_status st = run_item(wk, &pl->items[i]);
+        if (st != MOECAL_OK) {
+            pthread_mutex_lock(&pl->mu);
+            if (pl->st == MOECAL_OK) {
+                pl->st = st;
+                snprintf(pl->msg, sizeof pl->msg, "%s", moecal_error_message());
+            }
+            pthread_mutex_unlock(&pl->mu);
+            break;
+        }
+    }
+    pthread_mutex_lock(&pl->mu);
+    pl->bytes_in += wk->bytes_in;
+    pl->bytes_out += wk->bytes_out;
+#ifdef HAVE_CUDA
+    if (wk->gpu)
+        pl->gpu_bytes += moecal_nvfp4_gpu_device_bytes(wk->gpu);
+    moecal_nvfp4_gpu_destroy(wk->gpu);
+#endif
+    pthread_mutex_unlock(&pl->mu);
+    free(wk->copy);
+    free(wk->wb);
+    free(wk->packed);
+    free(wk->scales);
+    return NULL;
+}
+
+static moecal_status add_item(pool *pl, size_t *cap, size_t shard, size_t k, uint64_t off)
+{
+    if (pl->nitems == *cap) {
+        size_t nc = *cap ? 2 * *cap : 256;
+        work_item *it = realloc(pl->items, nc * sizeof *it);
+        if (!it)
+            return moecal_error_set(MOECAL_ERR_NOMEM, "export: out of memory for the work list");
+        pl->items = it;
+        *cap = nc;
+    }
+    pl->items[pl->nitems++] = (work_item){shard, k, off};
+    return MOECAL_OK;
+}
+
+/* Open the writer of shard i (header written, file at its final size). */
+static moecal_status open_shard(job *j, size_t i, const plan *pl, moecal_st_writer **out)
+{
     moecal_st_writer *w = NULL;
     char path[8400];
-    void *buf = NULL;
     moecal_status st;
 
     snprintf(path, sizeof path, "%s/%s", j->tmp, moecal_model_shard_name(j->model, i));
-    if ((st = moecal_st_writer_create(path, &w)) != MOECAL_OK)
-        goto out;
-    for (size_t k = 0; k < pl.n && st == MOECAL_OK; k++)
-        st = moecal_st_writer_add(w, pl.t[k].name, pl.t[k].dtype, pl.t[k].ndim, pl.t[k].shape);
+    MOECAL_TRY(moecal_st_writer_create(path, &w));
+    st = MOECAL_OK;
+    for (size_t k = 0; k < pl->n && st == MOECAL_OK; k++)
+        st = moecal_st_writer_add(w, pl->t[k].name, pl->t[k].dtype, pl->t[k].ndim,
+                                  pl->t[k].shape);
     if (st == MOECAL_OK)
         st = moecal_st_writer_write_header(w);
-    if (st == MOECAL_OK && !(buf = malloc(COPY_PIECE)))
-        st = moecal_error_set(MOECAL_ERR_NOMEM, "export: no memory for a copy buffer");
-    for (size_t k = 0; k < pl.n && st == MOECAL_OK; k++) {
-        switch (pl.t[k].kind) {
-        case OUT_COPY:
-            st = write_copy(w, &pl.t[k], buf);
-            break;
-        case OUT_BF16:
-            st = write_bf16(j, w, &pl.t[k]);
-            break;
-        case OUT_W:
-            st = write_nvfp4(j, w, &pl, k);
-            break;
-        default:
-            break; /* written with their OUT_W */
+    if (st != MOECAL_OK) {
+        moecal_st_writer_abort(w);
+        return st;
+    }
+    *out = w;
+    return MOECAL_OK;
+}
+
+/* Write the rank's shards (i mod size == rank) with `threads` workers, each
+ * taking the next tensor (or 16 MiB piece of a copied one): reads, the
+ * quantization and writes of different tensors overlap, and memory holds
+ * only what the workers have in hand. */
+static moecal_status write_shards(job *j, const plan *plans, size_t nsh, int device,
+                                  pool *pl)
+{
+    size_t cap = 0;
+    moecal_status st = MOECAL_OK;
+    pthread_t *tid = NULL;
+    worker *wk = NULL;
+    int nw = 0;
+
+    memset(pl, 0, sizeof *pl);
+    pl->j = j;
+    pl->plans = plans;
+    pl->device = device;
+    pthread_mutex_init(&pl->mu, NULL);
+    if (!(pl->w = calloc(nsh ? nsh : 1, sizeof *pl->w)))
+        st = moecal_error_set(MOECAL_ERR_NOMEM, "export: out of memory");
+    for (size_t i = (size_t)j->c->rank; i < nsh && st == MOECAL_OK; i += (size_t)j->c->size) {
+        st = open_shard(j, i, &plans[i], &pl->w[i]);
+        for (size_t k = 0; k < plans[i].n && st == MOECAL_OK; k++) {
+            const out_tensor *o = &plans[i].t[k];
+            if (o->kind == OUT_COPY) {
+                uint64_t total = o->src->end - o->src->begin;
+                for (uint64_t off = 0; off < total && st == MOECAL_OK; off += COPY_PIECE)
+                    st = add_item(pl, &cap, i, k, off);
+            } else if (o->kind == OUT_BF16 || o->kind == OUT_W) {
+                st = add_item(pl, &cap, i, k, 0);
+                if (o->kind == OUT_W) {
+                    size_t n = (size_t)o->src->shape[0] * (size_t)o->src->shape[1];
+                    size_t B = (size_t)j->cfg->weight_block[0];
+                    size_t ns = ((size_t)o->src->shape[0] + B - 1) / B *
+                                (((size_t)o->src->shape[1] + B - 1) / B);
+                    pl->max_elems = n > pl->max_elems ? n : pl->max_elems;
+                    pl->max_scales = ns > pl->max_scales ? ns : pl->max_scales;
+                }
+            }
         }
     }
-    if (st == MOECAL_OK) {
-        st = moecal_st_writer_finish(w);
-        w = NULL;
+    if (st == MOECAL_OK && pl->nitems) {
+        nw = j->threads < 1 ? 1 : j->threads;
+        if ((size_t)nw > pl->nitems)
+            nw = (int)pl->nitems;
+        tid = calloc((size_t)nw, sizeof *tid);
+        wk = calloc((size_t)nw, sizeof *wk);
+        if (!tid || !wk)
+            st = moecal_error_set(MOECAL_ERR_NOMEM, "export: out of memory");
     }
-out:
-    if (w)
-        moecal_st_writer_abort(w);
-    free(buf);
+    int started = 0;
+    for (; st == MOECAL_OK && started < nw; started++) {
+        wk[started].pl = pl;
+        int e = pthread_create(&tid[started], NULL, worker_main, &wk[started]);
+        if (e != 0) {
+            pthread_mutex_lock(&pl->mu);
+            pl->st = moecal_error_errno(e, "export: cannot start a worker thread");
+            snprintf(pl->msg, sizeof pl->msg, "%s", moecal_error_message());
+            pthread_mutex_unlock(&pl->mu);
+            break;
+        }
+    }
+    for (int t = 0; t < started; t++)
+        pthread_join(tid[t], NULL);
+    if (st == MOECAL_OK && pl->st != MOECAL_OK)
+        st = moecal_error_set(pl->st, "%s", pl->msg);
+    for (size_t i = 0; i < nsh && pl->w; i++) {
+        if (!pl->w[i])
+            continue;
+        if (st == MOECAL_OK)
+            st = moecal_st_writer_finish(pl->w[i]);
+        else
+            moecal_st_writer_abort(pl->w[i]);
+    }
+    free(pl->w);
+    free(pl->items);
+    free(tid);
+    free(wk);
+    pthread_mutex_destroy(&pl->mu);
     return st;
 }
 
@@ -802,7 +1056,7 @@ moecal_status moecal_export_run(const moecal_comm *c, const moecal_export_params
     moecal_status s = MOECAL_OK;
     size_t nsh;
     plan *plans = NULL;
-    double t0 = moecal_now();
+    double t0 = moecal_now(), stats[NSTAT] = {0};
 
     memset(&j, 0, sizeof j);
     j.c = c;
@@ -854,10 +1108,25 @@ moecal_status moecal_export_run(const moecal_comm *c, const moecal_export_params
     for (size_t i = 0; i < nsh && s == MOECAL_OK; i++)
         s = plan_shard(&j, i, &plans[i]);
     moecal_check_all(s);
-    moecal_log(MOECAL_LOG_INFO, "# export %s + %s -> %s: %zu shard file%s on %d rank%s, %d MoE layers x %d "
-               "experts to NVFP4", p->model_dir, p->amax_path, p->output, nsh,
+    moecal_log(MOECAL_LOG_INFO, "# export %s + %s -> %s: %zu shard file%s on %d rank%s, "
+               "%d MoE layers x %d experts to NVFP4", p->model_dir, p->amax_path, p->output, nsh,
                nsh == 1 ? "" : "s", c->size, c->size == 1 ? "" : "s", j.amax->L,
                j.cfg->n_routed_experts);
+
+    /* The GPU quantizes when there is one (--backend auto) or when asked;
+     * ranks of a node take its GPUs in turn. */
+    int device = -1;
+    const char *no_gpu = "this moecal was built without CUDA (" MOECAL_BUILD_OPTIONS ")";
+#ifdef HAVE_CUDA
+    if (strcmp(p->backend ? p->backend : "auto", "cpu") != 0) {
+        int ng = moecal_nvfp4_gpu_count();
+        device = ng > 0 ? c->node_rank % ng : -1;
+        no_gpu = "no GPU is visible to this rank";
+    }
+#endif
+    if (device < 0 && p->backend && strcmp(p->backend, "cuda") == 0)
+        s = moecal_error_set(MOECAL_ERR_UNSUPPORTED, "--backend cuda: %s", no_gpu);
+    moecal_check_all(s);
 
     /* The temporary directory, made fresh by rank 0. */
     if (c->rank == 0) {
@@ -868,12 +1137,19 @@ moecal_status moecal_export_run(const moecal_comm *c, const moecal_export_params
     }
     moecal_check_all(s);
 
-    for (size_t i = (size_t)c->rank; i < nsh && s == MOECAL_OK; i += (size_t)c->size) {
+    {
+        pool pl;
         double ts = moecal_now();
-        s = write_shard(&j, i, &plans[i]);
-        if (s == MOECAL_OK)
-            moecal_log_all(MOECAL_LOG_VERBOSE, "# rank %d: %s in %.1f s", c->rank,
-                           moecal_model_shard_name(j.model, i), moecal_now() - ts);
+        s = write_shards(&j, plans, nsh, device, &pl);
+        double dt = moecal_now() - ts;
+        struct rusage ru;
+        getrusage(RUSAGE_SELF, &ru);
+        stats[5] = dt;
+        stats[0] = (double)pl.bytes_in;
+        stats[1] = (double)pl.bytes_out;
+        stats[2] = ru.ru_maxrss / 1024.0;
+        stats[3] = (double)pl.gpu_bytes / 1048576.0;
+        stats[4] = device >= 0;
     }
     if (s == MOECAL_OK && c->rank == 0)
         s = side_files(&j, plans, nsh);
@@ -908,9 +1184,30 @@ moecal_status moecal_export_run(const moecal_comm *c, const moecal_export_params
         }
     }
     moecal_check_all(s);
-    moecal_log(MOECAL_LOG_INFO, "# wrote %s in %.1f s: %zu shard file%s, %d x %d x 3 NVFP4 expert projections",
-               p->output, moecal_now() - t0, nsh, nsh == 1 ? "" : "s", j.amax->L,
-               j.cfg->n_routed_experts);
+    {
+        double sum[NSTAT], mx[NSTAT], *all = NULL;
+        if (c->rank == 0 && !(all = malloc((size_t)c->size * sizeof stats)))
+            moecal_fatal(moecal_error_set(MOECAL_ERR_NOMEM, "export: out of memory"));
+        MPI_Reduce(stats, sum, NSTAT, MPI_DOUBLE, MPI_SUM, 0, c->world);
+        MPI_Reduce(stats, mx, NSTAT, MPI_DOUBLE, MPI_MAX, 0, c->world);
+        MPI_Gather(stats, NSTAT, MPI_DOUBLE, all, NSTAT, MPI_DOUBLE, 0, c->world);
+        for (int r = 0; all && r < c->size; r++) {
+            const double *a = all + (size_t)r * NSTAT;
+            moecal_log(MOECAL_LOG_VERBOSE, "# rank %d: %s: read %.2f GB, wrote %.2f GB in %.2f s "
+                       "(%.2f GB/s in+out); peak memory %.0f MiB host, %.0f MiB GPU", r,
+                       a[4] > 0 ? "cuda" : "cpu", a[0] / 1e9, a[1] / 1e9, a[5],
+                       a[5] > 0 ? (a[0] + a[1]) / 1e9 / a[5] : 0.0, a[2], a[3]);
+        }
+        free(all);
+        double dt = moecal_now() - t0;
+        moecal_log(MOECAL_LOG_INFO, "# wrote %s in %.1f s: %zu shard file%s, %d x %d x 3 NVFP4 "
+                   "expert projections; read %.2f GB, wrote %.2f GB (%.2f GB/s in+out); "
+                   "quantized on %s; peak memory per rank %.0f MiB host, %.0f MiB GPU",
+                   p->output, dt, nsh, nsh == 1 ? "" : "s", j.amax->L, j.cfg->n_routed_experts,
+                   sum[0] / 1e9, sum[1] / 1e9, dt > 0 ? (sum[0] + sum[1]) / 1e9 / dt : 0.0,
+                   mx[4] > 0 ? (sum[4] == c->size ? "the GPU" : "GPUs and CPUs") : "the CPU",
+                   mx[2], mx[3]);
+    }
     for (size_t i = 0; i < nsh; i++)
         plan_free(&plans[i]);
     free(plans);

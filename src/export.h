@@ -13,8 +13,12 @@
  * quantization_config; hf_quant_config.json names every linear left
  * unquantized; the other files at the top of the source are copied.
  *
- * Ranks take whole shard files (shard i on rank i mod size), so the output is
- * the same bytes for any rank count.  Everything is written into
+ * Ranks take whole shard files (shard i on rank i mod size); within a rank,
+ * --threads workers take one tensor (or a 16 MiB piece of a copied one) at a
+ * time, so reads, quantization and writes overlap and memory holds only the
+ * tensors in hand.  The GPU quantizes when there is one (nvfp4_cuda.h), with
+ * the CPU's arithmetic (nvfp4_math.h): the output is the same bytes for any
+ * rank count, thread count and backend.  Everything is written into
  * DST.moecal-tmp and renamed to DST when every rank succeeded.
  */
 #ifndef MOECAL_EXPORT_H
@@ -30,7 +34,8 @@ typedef struct moecal_export_params {
     const char *amax_path;
     const char *output;
     bool force;
-    int threads;              /* OpenMP threads per rank, 0 = default */
+    int threads;              /* workers per rank, 0 = OpenMP's default */
+    const char *backend;      /* "cpu", "cuda" or "auto" (NULL: auto) */
 } moecal_export_params;
 
 /* Collective over c->world; every rank returns the same outcome (a failed

@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "fp8.h"
+#include "nvfp4_math.h" /* the e4m3 conversions, shared with CUDA */
 
 static inline uint32_t f2u(float x)
 {
@@ -28,32 +29,11 @@ static inline float u2f(uint32_t u)
     return x;
 }
 
-/* m >> s rounded to nearest, ties to even; m < 2^31, 1 <= s <= 31. */
-static inline uint32_t shr_rne(uint32_t m, unsigned s)
-{
-    uint32_t q = m >> s, rem = m & ((UINT32_C(1) << s) - 1), half = UINT32_C(1) << (s - 1);
-
-    if (rem > half || (rem == half && (q & 1)))
-        q++;
-    return q;
-}
-
 /* ------------------------------------------------------------------ e4m3fn */
 
 float moecal_e4m3_to_float(uint8_t q)
 {
-    uint32_t sign = (uint32_t)(q & 0x80) << 24;
-    uint32_t e = (q >> 3) & 0xf, m = q & 7;
-
-    if ((q & 0x7f) == 0x7f)
-        return u2f(sign | UINT32_C(0x7fc00000));
-    if (e == 0) {
-        /* Subnormal: m * 2^-9, exact in float. */
-        float v = (float)m * 0x1p-9f;
-        return sign ? -v : v;
-    }
-    /* Normal: rebias the exponent from 7 to 127. */
-    return u2f(sign | ((e + 120) << 23) | (m << 20));
+    return moecal_nv_e4m3_to_float(q);
 }
 
 int moecal_e4m3_is_nan(uint8_t q)
@@ -63,37 +43,7 @@ int moecal_e4m3_is_nan(uint8_t q)
 
 uint8_t moecal_float_to_e4m3(float x)
 {
-    uint32_t u = f2u(x);
-    uint8_t sign = (uint8_t)((u >> 24) & 0x80);
-    uint32_t a = u & 0x7fffffff;
-    int e;
-
-    if (a > 0x7f800000)
-        return 0x7f;
-    /* >= 448 (including Inf) saturates; nothing in [448, 464) rounds elsewhere. */
-    if (a >= 0x43e00000)
-        return sign | 0x7e;
-    e = (int)(a >> 23) - 127;
-    if (e >= -6) {
-        /* Normal e4m3: keep 3 of the 23 mantissa bits; a carry into the
-         * exponent field is the correct next binade. */
-        uint32_t q = ((uint32_t)(e + 7) << 3) | ((a >> 20) & 7);
-        uint32_t rem = a & 0xfffff;
-        if (rem > 0x80000 || (rem == 0x80000 && (q & 1)))
-            q++;
-        if (q > 0x7e)
-            q = 0x7e;
-        return sign | (uint8_t)q;
-    }
-    /* Subnormal e4m3: the code is round(|x| * 2^9), 8 meaning the smallest
-     * normal, which is also its encoding.  Below 2^-10 it is 0. */
-    if (e < -11)
-        return sign;
-    {
-        uint32_t mant = (a & 0x7fffff) | 0x800000;
-        unsigned s = (unsigned)(14 - e); /* |x| * 2^9 = mant * 2^(e - 14) */
-        return sign | (uint8_t)shr_rne(mant, s);
-    }
+    return moecal_nv_e4m3_from_float(x);
 }
 
 /* ------------------------------------------------------------------ bf16 */
@@ -160,7 +110,7 @@ uint16_t moecal_float_to_f16(float x)
         return sign;
     {
         uint32_t mant = (a & 0x7fffff) | 0x800000;
-        return sign | (uint16_t)shr_rne(mant, (unsigned)(-1 - e));
+        return sign | (uint16_t)moecal_nv_shr_rne(mant, (unsigned)(-1 - e));
     }
 }
 

@@ -938,6 +938,25 @@ moecal_status moecal_model_load_expert_fp8(moecal_model *m, int layer, int exper
     return rc;
 }
 
+moecal_status moecal_model_read_expert_raw(moecal_model *m, int layer, int expert, int proj,
+                                           void *q, float *scale_inv, moecal_dtype *dtype)
+{
+    char name[NAME_MAX_LEN], expect[160];
+    size_t rows, cols;
+    tensor_2d w;
+    moecal_status rc = MOECAL_OK;
+
+    MOECAL_TRY(expert_2d(m, layer, expert, proj, name, &rows, &cols, expect, sizeof expect));
+    MOECAL_TRY(open_2d(m, name, rows, cols, expect, &w));
+    *dtype = w.t->dtype;
+    if (w.t->dtype == MOECAL_DT_F8_E4M3 || w.t->dtype == MOECAL_DT_BF16)
+        rc = moecal_st_read(w.f, w.t, q, rows * cols * moecal_dtype_size(w.t->dtype));
+    if (rc == MOECAL_OK && w.scale)
+        memcpy(scale_inv, w.scale, w.nbr * w.nbc * sizeof *scale_inv);
+    free(w.scale);
+    return rc;
+}
+
 moecal_status moecal_model_expert_amax(moecal_model *m, int layer, int expert, int proj,
                                        float *amax)
 {

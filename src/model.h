@@ -65,6 +65,15 @@ moecal_status moecal_model_load_expert(moecal_model *m, int layer, int expert, i
  * the same *amax.  MOECAL_ERR_UNSUPPORTED when the tensor is another dtype. */
 moecal_status moecal_model_load_expert_fp8(moecal_model *m, int layer, int expert, int proj,
                                            uint8_t *q, float *scale_inv, float *amax);
+/* The projection's stored bytes, unconverted, for a caller that dequantizes
+ * and checks the values itself (the GPU quantizer of export): shape, dtype
+ * and block scales are checked as by moecal_model_load_expert.  *dtype
+ * receives the tensor's dtype; for F8_E4M3, q [rows*cols] codes and
+ * scale_inv as for moecal_model_load_expert_fp8; for BF16, rows*cols values
+ * in q; for F16 and F32 nothing is read (the caller converts with
+ * moecal_model_load_expert).  Neither NaN nor amax is looked at. */
+moecal_status moecal_model_read_expert_raw(moecal_model *m, int layer, int expert, int proj,
+                                           void *q, float *scale_inv, moecal_dtype *dtype);
 /* Only *amax of moecal_model_load_expert, with its checks: for F8_E4M3 from
  * the codes and block scales, without dequantizing. */
 moecal_status moecal_model_expert_amax(moecal_model *m, int layer, int expert, int proj,

@@ -23,11 +23,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "nvfp4_math.h" /* the arithmetic, shared with the CUDA path */
+
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-#define MOECAL_NVFP4_BLOCK 16
 
 /* A * fl32(1/2688): weight_scale_2 from a weight amax, input_scale from an
  * input amax. */

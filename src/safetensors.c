@@ -1187,8 +1187,8 @@ moecal_status moecal_st_writer_write_at(moecal_st_writer *w, const char *name,
                       show(&sn, name), (ull)off, (ull)off, nbytes, (ull)t->nbytes);
     snprintf(what, sizeof what, "tensor '%s'", show(&sn, name));
     st = write_full(w, what, data, nbytes, w->data_off + t->begin + off);
-    if (st == MOECAL_OK)
-        t->written += nbytes;
+    if (st == MOECAL_OK) /* pieces of one tensor may come from several threads */
+        __atomic_fetch_add(&t->written, (uint64_t)nbytes, __ATOMIC_RELAXED);
     return st;
 }
 

@@ -85,7 +85,8 @@ moecal_status moecal_st_writer_write_header(moecal_st_writer *w);
 moecal_status moecal_st_writer_write(moecal_st_writer *w, const char *name,
                                      const void *data, size_t nbytes);
 /* Write nbytes at byte offset off of a tensor's data (tensors of many GB
- * are written in pieces). */
+ * are written in pieces).  Once the header is written, several threads may
+ * write different tensors, or disjoint pieces of one, at the same time. */
 moecal_status moecal_st_writer_write_at(moecal_st_writer *w, const char *name, uint64_t off,
                                         const void *data, size_t nbytes);
 moecal_status moecal_st_writer_finish(moecal_st_writer *w);

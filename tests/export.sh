@@ -23,6 +23,22 @@ done
 for n in 2 3 4; do
     diff -r "$T/out1" "$T/out$n" >/dev/null || fail "export on $n ranks differs from 1 rank"
 done
+# workers per rank: one, more than there are tensors in flight, on 1 and 2
+# ranks, and the CPU backend named: the same bytes
+run "$MOECAL" export -m "$T/fp8" --amax "$T/fp8.h5" -o "$T/outt1" --threads 1 --backend cpu --quiet
+run_mpi 2 "$MOECAL" export -m "$T/fp8" --amax "$T/fp8.h5" -o "$T/outt7" --threads 7 --quiet
+for d in outt1 outt7; do
+    diff -r "$T/out1" "$T/$d" >/dev/null || fail "export $d differs from the default threads"
+done
+rm -rf "$T/outt1" "$T/outt7"
+# --backend cuda without a usable GPU (or without CUDA) is refused before
+# anything is written
+if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then
+    expect_fail 3 $MPIEXEC -n 2 "$MOECAL" export -m "$T/fp8" --amax "$T/fp8.h5" -o "$T/outc" \
+        --backend cuda
+    expect_msg "backend cuda: (no GPU is visible to this rank|this moecal was built without CUDA)"
+    [ ! -e "$T/outc" ] && [ ! -e "$T/outc.moecal-tmp" ] || fail "--backend cuda left an output"
+fi
 run "$PYTHON3" "$REF" "$T/fp8" "$T/fp8.h5" "$T/out1"
 [ ! -e "$T/out1/activations.h5" ] || fail "activations.h5 copied into the checkpoint"
 [ -f "$T/out1/tokenizer_config.json" ] || fail "tokenizer_config.json not copied"

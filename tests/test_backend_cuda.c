@@ -33,6 +33,8 @@
 
 #include "backend.h"
 #include "fp8.h"
+#include "nvfp4.h"
+#include "../cuda/nvfp4_cuda.h"
 #include "router.h"
 #include "../cuda/backend_cuda.h"
 #include "route_math.h"
@@ -872,6 +874,109 @@ static void test_logit_precisions(void **state)
     }
 }
 
+/* `moecal export --backend cuda`: the GPU quantizer (nvfp4_cuda.h) against
+ * the CPU path (fp8.c dequantization, nvfp4.c quantization) on fresh random
+ * weights, FP8 with block scales and BF16, at several shapes: the same
+ * packed bytes, block scales, amax and non-finite count. */
+static void nvfp4_case(moecal_nvfp4_gpu *g, bool fp8, size_t N, size_t K, size_t B,
+                       double s2_factor, uint64_t seed)
+{
+    const moecal_nvfp4_gpu_host *h = moecal_nvfp4_gpu_buffers(g);
+    const size_t n = N * K, nbr = (N + B - 1) / B, nbc = (K + B - 1) / B;
+    uint16_t *w = malloc(n * sizeof *w);
+    uint8_t *pk = malloc(n / 2), *sc = malloc(n / 16);
+    float amax = 0.0f;
+    moecal_nvfp4_gpu_result res;
+
+    assert_non_null(w);
+    rng_state = seed * 0x9e3779b97f4a7c15ull + 7;
+    if (fp8) {
+        uint8_t *q = h->w;
+        for (size_t i = 0; i < n; i++) {
+            uint8_t c = (uint8_t)(urand() * 256.0);
+            q[i] = (c & 0x7f) == 0x7f ? (uint8_t)(c - 1) : c;  /* no NaN code */
+        }
+        for (size_t i = 0; i < nbr * nbc; i++)
+            h->scale_inv[i] = (float)ldexp(1.0 + urand(), -12 + (int)(urand() * 12.0));
+        uint64_t nan = 1;
+        assert_int_equal(moecal_fp8_dequant_bf16(q, N, K, h->scale_inv, B, w, &nan, &amax),
+                         MOECAL_OK);
+        assert_int_equal(nan, 0);
+    } else {
+        uint16_t *x = h->w;
+        for (size_t i = 0; i < n; i++) {
+            double u = urand();
+            /* normal values over a wide range, zeros, -0 and subnormals */
+            x[i] = u < 0.03 ? (uint16_t)(u < 0.015 ? 0x0000 : 0x8000)
+                 : u < 0.05 ? (uint16_t)((urand() < 0.5 ? 0x8000 : 0) | (1 + (int)(urand() * 127)))
+                            : moecal_float_to_bf16((float)((urand() - 0.5) *
+                                                           ldexp(1.0, (int)(urand() * 20) - 10)));
+        }
+        if (N > 3 && K >= 32) /* an all-zero block */
+            memset(x + 3 * K + 16, 0, 16 * sizeof *x);
+        memcpy(w, x, n * sizeof *w);
+        for (size_t i = 0; i < n; i++)
+            amax = fmaxf(amax, fabsf(moecal_bf16_to_float(w[i])));
+    }
+    const float s2 = moecal_nvfp4_scale2((float)(amax * s2_factor));
+    for (size_t r = 0; r < N; r++)
+        moecal_nvfp4_quantize_row_bf16(w + r * K, K, s2, pk + r * (K / 2), sc + r * (K / 16));
+    assert_int_equal(moecal_nvfp4_gpu_quantize(g, fp8, N, K, B, s2, &res), MOECAL_OK);
+    assert_int_equal(res.nonfinite, 0);
+    assert_memory_equal(&res.amax, &amax, sizeof amax);
+    for (size_t i = 0; i < n / 2; i++) {
+        if (pk[i] != h->packed[i])
+            fail_msg("%s [%zu, %zu] B %zu: packed byte %zu (row %zu) is %02x on the GPU, %02x on "
+                     "the CPU", fp8 ? "fp8" : "bf16", N, K, B, i, i / (K / 2), h->packed[i],
+                     pk[i]);
+    }
+    assert_memory_equal(sc, h->scales, n / 16);
+    free(w);
+    free(pk);
+    free(sc);
+}
+
+static void test_nvfp4_quantizer(void **state)
+{
+    (void)state;
+    moecal_nvfp4_gpu *g = NULL;
+    assert_true(moecal_nvfp4_gpu_count() > 0);
+    assert_int_equal(moecal_nvfp4_gpu_create(0, 7168 * 2048, 56 * 16, &g), MOECAL_OK);
+    const struct { size_t N, K, B; } shp[] = {
+        {1, 16, 128}, {7, 48, 128}, {129, 272, 128}, {33, 160, 24}, {2048, 7168, 128},
+        {7168, 2048, 128}, {300, 1040, 128},
+    };
+    uint64_t seed = 1;
+    for (size_t i = 0; i < sizeof shp / sizeof shp[0]; i++) {
+        for (int fp8 = 0; fp8 < 2; fp8++) {
+            nvfp4_case(g, fp8, shp[i].N, shp[i].K, shp[i].B, 1.0, seed++);
+            nvfp4_case(g, fp8, shp[i].N, shp[i].K, shp[i].B, 1.75, seed++); /* shared s2 */
+        }
+    }
+    /* non-finite values are counted: a NaN code, an Inf bf16 */
+    const moecal_nvfp4_gpu_host *h = moecal_nvfp4_gpu_buffers(g);
+    moecal_nvfp4_gpu_result res;
+    memset(h->w, 0x38, 64 * 32);
+    ((uint8_t *)h->w)[100] = 0xff;
+    for (int i = 0; i < 1; i++)
+        h->scale_inv[i] = 1.0f;
+    assert_int_equal(moecal_nvfp4_gpu_quantize(g, true, 64, 32, 128, 1.0f, &res), MOECAL_OK);
+    assert_int_equal(res.nonfinite, 1);
+    assert_true(res.amax == 1.0f);
+    uint16_t *x = h->w;
+    for (int i = 0; i < 64 * 32; i++)
+        x[i] = 0x3f80;
+    x[7] = 0x7f80;
+    x[9] = 0xffc1;
+    assert_int_equal(moecal_nvfp4_gpu_quantize(g, false, 64, 32, 1, 1.0f, &res), MOECAL_OK);
+    assert_int_equal(res.nonfinite, 2);
+    assert_true(res.amax == 1.0f);
+    /* what does not fit the buffers is refused, not overrun */
+    assert_int_equal(moecal_nvfp4_gpu_quantize(g, false, 7168, 2064, 1, 1.0f, &res),
+                     MOECAL_ERR_INTERNAL);
+    moecal_nvfp4_gpu_destroy(g);
+}
+
 static void test_registry(void **state)
 {
     (void)state;
@@ -904,6 +1009,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_fp8_weights),
         cmocka_unit_test(test_dgemm_router_exactness),
         cmocka_unit_test(test_logit_precisions),
+        cmocka_unit_test(test_nvfp4_quantizer),
         cmocka_unit_test(test_registry),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
