@@ -411,7 +411,7 @@ static void make_layer(layer &L, int64_t pool)
 struct run_result {
     std::string name;
     int64_t chunk, tokens;
-    double wall, load, t[5];
+    double wall, load, t[MOECAL_NPHASE];
     double tok_min, tok_med, tok_max; /* per expert, last chunk */
     int64_t routed;                   /* sum of counts */
     unsigned long long fixups;        /* router logits recomputed exactly */
@@ -518,7 +518,7 @@ static run_result run_topk(const layer &L, const char *name, int64_t chunk, int6
     };
     /* warm-up: module load, cuBLAS heuristics, first-touch */
     MC(moecal_backend_cuda.run_chunk(b, next(), chunk, NULL, &st));
-    double t0[5], t1[5];
+    double t0[MOECAL_NPHASE], t1[MOECAL_NPHASE];
     moecal_backend_cuda.timings(b, t0);
     int64_t n = std::max<int64_t>(1, total / chunk);
     double w0 = now();
@@ -535,7 +535,7 @@ static run_result run_topk(const layer &L, const char *name, int64_t chunk, int6
     }
     r.wall = now() - w0;
     moecal_backend_cuda.timings(b, t1);
-    for (int i = 0; i < 5; i++)
+    for (int i = 0; i < MOECAL_NPHASE; i++)
         r.t[i] = t1[i] - t0[i];
     r.tokens = n * chunk;
     std::vector<double> c(tok.begin(), tok.end());
@@ -548,7 +548,7 @@ static run_result run_topk(const layer &L, const char *name, int64_t chunk, int6
         r.routed += v;
     double flops_per_row = 2.0 * L.H * 2.0 * L.I;
     double rows = all ? (double)r.tokens * L.E : (double)r.tokens * L.k;
-    r.gemm_tflops_eff = r.t[2] > 0 ? rows * flops_per_row / r.t[2] * 1e-12 : 0.0;
+    r.gemm_tflops_eff = r.t[MOECAL_PHASE_GEMM] > 0 ? rows * flops_per_row / r.t[MOECAL_PHASE_GEMM] * 1e-12 : 0.0;
     r.fixups = moecal_backend_cuda_router_fixups(b);
     moecal_backend_cuda.destroy(b);
     return r;
@@ -699,8 +699,9 @@ int main(int argc, char **argv)
     for (const run_result &r : res) {
         printf("%-32s %7lld %10.0f %8.3f %7.3f %7.3f %7.3f %7.3f %7.3f %8.1f %5.0f%% "
                "%.0f/%.0f/%.0f %llu\n",
-               r.name.c_str(), (long long)r.chunk, (double)r.tokens / r.wall, r.wall, r.t[0],
-               r.t[1], r.t[2], r.t[3], r.t[4], r.gemm_tflops_eff,
+               r.name.c_str(), (long long)r.chunk, (double)r.tokens / r.wall, r.wall,
+               r.t[MOECAL_PHASE_ROUTE], r.t[MOECAL_PHASE_GATHER], r.t[MOECAL_PHASE_GEMM],
+               r.t[MOECAL_PHASE_ACT], r.t[MOECAL_PHASE_COPY], r.gemm_tflops_eff,
                100.0 * r.gemm_tflops_eff / peak, r.tok_min, r.tok_med, r.tok_max, r.fixups);
     }
     printf("# peak measured cuBLAS rate above: %.1f TFLOP/s; top-k roofline at that rate: %.0f "

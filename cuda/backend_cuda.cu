@@ -97,7 +97,6 @@ using namespace moecal_cuda;
 
 namespace {
 
-enum { T_ROUTE, T_GATHER, T_GEMM, T_ACT, T_COPY };
 enum { MAX_STREAMS = 8 };
 
 constexpr int64_t STEP_TOPK = 65536;     /* tokens per step, top-k mode (32768: -2%) */
@@ -292,7 +291,7 @@ struct moecal_backend {
 
     int sel_threads;
     size_t sel_smem;
-    double t[5];
+    double t[MOECAL_NPHASE];
 };
 
 namespace {
@@ -1135,7 +1134,7 @@ moecal_status upload(moecal_backend *b, const chunk_slot &c, int64_t s, int64_t 
     size_t id;
     /* the buffer's previous step has been gathered (or multiplied) */
     CUDA_CHECK(b->where, cudaStreamWaitEvent(b->s_copy, b->ev_gathered[par], 0));
-    MOECAL_TRY(mark_begin(b, T_COPY, b->s_copy, &id));
+    MOECAL_TRY(mark_begin(b, MOECAL_PHASE_COPY, b->s_copy, &id));
     if (c.skip != NULL) {
         /* pinned staging of the mask; its last copy (two steps back) is done */
         CUDA_CHECK(b->where, cudaEventSynchronize(b->ev_copied[par]));
@@ -1249,7 +1248,7 @@ moecal_status route_topk(moecal_backend *b, const chunk_slot &c, int64_t s, int6
         const int64_t m = std::min(b->piece, n - r0);
         const uint16_t *xp = b->x[par] + (size_t)r0 * H;
         CUDA_CHECK(b->where, cudaStreamWaitEvent(st, (*b->ev_piece[par])[(size_t)i], 0));
-        MOECAL_TRY(mark_begin(b, T_ROUTE, st, &id));
+        MOECAL_TRY(mark_begin(b, MOECAL_PHASE_ROUTE, st, &id));
         MOECAL_TRY(launch_rowmax(b, xp, m, b->rowmax[par] + r0, st));
         MOECAL_TRY(launch_logits(b, xp, m, st));
         int grid = (int)ceil_div(m, b->sel_threads);
@@ -1264,7 +1263,7 @@ moecal_status route_topk(moecal_backend *b, const chunk_slot &c, int64_t s, int6
         LAUNCH_CHECK(b->where, "k_select");
         MOECAL_TRY(mark_end(b, id, st));
     }
-    MOECAL_TRY(mark_begin(b, T_ROUTE, st, &id));
+    MOECAL_TRY(mark_begin(b, MOECAL_PHASE_ROUTE, st, &id));
     {
         int64_t nsel = n * k;
         int grid = (int)ceil_div(nsel, 256);
@@ -1278,7 +1277,7 @@ moecal_status route_topk(moecal_backend *b, const chunk_slot &c, int64_t s, int6
         LAUNCH_CHECK(b->where, "k_fill");
     }
     MOECAL_TRY(mark_end(b, id, st));
-    MOECAL_TRY(mark_begin(b, T_COPY, st, &id));
+    MOECAL_TRY(mark_begin(b, MOECAL_PHASE_COPY, st, &id));
     CUDA_CHECK(b->where, cudaMemcpyAsync(b->h_cnt[par], b->cnt[par], (size_t)nloc * sizeof(int),
                                          cudaMemcpyDeviceToHost, st));
     MOECAL_TRY(mark_end(b, id, st));
@@ -1334,12 +1333,12 @@ moecal_status compute_topk(moecal_backend *b, chunk_slot &c, int64_t j)
     }
     /* the activation table first: ev_gathered[par] then also says that the
      * pinned table of this parity may be rewritten */
-    MOECAL_TRY(mark_begin(b, T_COPY, st, &id));
+    MOECAL_TRY(mark_begin(b, MOECAL_PHASE_COPY, st, &id));
     CUDA_CHECK(b->where, cudaMemcpyAsync(b->items[par], items, (size_t)nitems * sizeof(act_item),
                                          cudaMemcpyHostToDevice, st));
     MOECAL_TRY(mark_end(b, id, st));
 
-    MOECAL_TRY(mark_begin(b, T_GATHER, st, &id));
+    MOECAL_TRY(mark_begin(b, MOECAL_PHASE_GATHER, st, &id));
     {
         /* token by token: each row read once, written to its local experts */
         const int per = 8;
@@ -1359,7 +1358,7 @@ moecal_status compute_topk(moecal_backend *b, chunk_slot &c, int64_t j)
     /* GEMMs: C_e [n_e x 2I] = X_e [n_e x H] W_e^T; in cuBLAS's column-major
      * terms C_e^T (2I x n_e) = op_T(W_e^T: H x 2I) * X_e^T (H x n_e) */
     const float one = 1.0f, zero = 0.0f;
-    MOECAL_TRY(mark_begin(b, T_GEMM, st, &id));
+    MOECAL_TRY(mark_begin(b, MOECAL_PHASE_GEMM, st, &id));
     {
         const int ns = std::min(b->nstreams, ng);
         CUDA_CHECK(b->where, cudaEventRecord(b->ev_fork, st));
@@ -1382,7 +1381,7 @@ moecal_status compute_topk(moecal_backend *b, chunk_slot &c, int64_t j)
     }
     MOECAL_TRY(mark_end(b, id, st));
 
-    MOECAL_TRY(mark_begin(b, T_ACT, st, &id));
+    MOECAL_TRY(mark_begin(b, MOECAL_PHASE_ACT, st, &id));
     if (NI % 8 == 0)
         k_act<true><<<(unsigned)nitems, 256, 0, st>>>(b->ab[0], I2, NI, b->items[par], c.ah);
     else
@@ -1406,7 +1405,7 @@ moecal_status run_all_step(moecal_backend *b, chunk_slot &c, int64_t s, int64_t 
     CUDA_CHECK(b->where, cudaStreamWaitEvent(sr, b->ev_copied[par], 0));
     /* one buffer of gathered rows: the previous step's GEMMs are done with it */
     CUDA_CHECK(b->where, cudaStreamWaitEvent(sr, b->ev_gathered[(j + 1) % 2], 0));
-    MOECAL_TRY(mark_begin(b, T_ROUTE, sr, &id));
+    MOECAL_TRY(mark_begin(b, MOECAL_PHASE_ROUTE, sr, &id));
     MOECAL_TRY(launch_rowmax(b, b->x[par], n, b->rowmax[par], sr));
     CUDA_CHECK(b->where, cudaMemsetAsync(b->nvalid, 0, sizeof(int), sr));
     {
@@ -1426,7 +1425,7 @@ moecal_status run_all_step(moecal_backend *b, chunk_slot &c, int64_t s, int64_t 
         CUDA_CHECK(b->where, cudaEventSynchronize(b->ev_counted[par]));
         nvalid = *b->h_nvalid;
         if (nvalid > 0) {
-            MOECAL_TRY(mark_begin(b, T_GATHER, sr, &id));
+            MOECAL_TRY(mark_begin(b, MOECAL_PHASE_GATHER, sr, &id));
             const int per = 8;
             int grid = (int)ceil_div(nvalid, per);
             if (H % 8 == 0)
@@ -1459,13 +1458,13 @@ moecal_status run_all_step(moecal_backend *b, chunk_slot &c, int64_t s, int64_t 
         const cudaStream_t sg = b->s_gemm[q];
         const int eg = g * ga, ne = std::min(ga, nloc - eg);
         const int ld = ne * I2;
-        MOECAL_TRY(mark_begin(b, T_GEMM, sg, &id));
+        MOECAL_TRY(mark_begin(b, MOECAL_PHASE_GEMM, sg, &id));
         CUBLAS_CHECK(b->where, cublasGemmEx(
             b->blas[q], CUBLAS_OP_T, CUBLAS_OP_N, ld, (int)nvalid, H, &one,
             b->w13 + (size_t)eg * (size_t)I2 * (size_t)H, CUDA_R_16BF, H, A, CUDA_R_16BF, H,
             &zero, b->ab[q], CUDA_R_16BF, ld, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
         MOECAL_TRY(mark_end(b, id, sg));
-        MOECAL_TRY(mark_begin(b, T_ACT, sg, &id));
+        MOECAL_TRY(mark_begin(b, MOECAL_PHASE_ACT, sg, &id));
         /* items are implicit: blocks over (row block, expert of the group) */
         dim3 grid((unsigned)ceil_div(nvalid, ACT_ROWS), (unsigned)ne);
         if (NI % 8 == 0)
@@ -1611,7 +1610,7 @@ moecal_status finish_impl(moecal_backend *b, moecal_chunk_stats *out)
      * chunk (and ev_counted may already mark the next chunk's) */
     if (b->all_experts)
         CUDA_CHECK(b->where, cudaStreamWaitEvent(b->s_comp, b->ev_counted[(last - 1) % 2], 0));
-    MOECAL_TRY(mark_begin(b, T_COPY, b->s_comp, &id));
+    MOECAL_TRY(mark_begin(b, MOECAL_PHASE_COPY, b->s_comp, &id));
     CUDA_CHECK(b->where, cudaMemcpyAsync(c.h_ax, c.ax, (size_t)(nloc + 1) * sizeof(unsigned),
                                          cudaMemcpyDeviceToHost, b->s_comp));
     CUDA_CHECK(b->where, cudaMemcpyAsync(c.h_ah, c.ah, (size_t)(nloc + 1) * sizeof(unsigned),
@@ -1694,9 +1693,9 @@ moecal_status cuda_run_chunk(moecal_backend *b, const uint16_t *x, int64_t ntok,
     return cuda_finish_chunk(b, out);
 }
 
-void cuda_timings(const moecal_backend *b, double t[5])
+void cuda_timings(const moecal_backend *b, double t[MOECAL_NPHASE])
 {
-    for (int i = 0; i < 5; i++)
+    for (int i = 0; i < MOECAL_NPHASE; i++)
         t[i] = b->t[i];
 }
 
@@ -1738,19 +1737,35 @@ void moecal_backend_cuda_unpin_host(moecal_backend *b, void *p)
         (void)cudaHostUnregister(p);
 }
 
-/* Fields in the order of moecal_backend_ops (backend.h). */
-const moecal_backend_ops moecal_backend_cuda = {
-    /* name */ "cuda",
-    /* available */ cuda_available,
-    /* create */ cuda_create,
-    /* load_layer */ cuda_load_layer,
-    /* run_chunk */ cuda_run_chunk,
-    /* timings */ cuda_timings,
-    /* destroy */ cuda_destroy,
-    /* submit_chunk */ moecal_backend_cuda_submit_chunk,
-    /* finish_chunk */ moecal_backend_cuda_finish_chunk,
-    /* pin_host */ moecal_backend_cuda_pin_host,
-    /* unpin_host */ moecal_backend_cuda_unpin_host,
-    /* fp8_weights */ true,
-};
+/* The table's members (cuda/backend_cuda_ops.c fills moecal_backend_cuda). */
+bool moecal_backend_cuda_available(void)
+{
+    return cuda_available();
+}
+
+moecal_status moecal_backend_cuda_create(const moecal_backend_config *cfg, moecal_backend **out)
+{
+    return cuda_create(cfg, out);
+}
+
+moecal_status moecal_backend_cuda_load_layer(moecal_backend *b, const moecal_layer_weights *w)
+{
+    return cuda_load_layer(b, w);
+}
+
+moecal_status moecal_backend_cuda_run_chunk(moecal_backend *b, const uint16_t *x, int64_t ntok,
+                                            const uint8_t *skip, moecal_chunk_stats *out)
+{
+    return cuda_run_chunk(b, x, ntok, skip, out);
+}
+
+void moecal_backend_cuda_timings(const moecal_backend *b, double t[MOECAL_NPHASE])
+{
+    cuda_timings(b, t);
+}
+
+void moecal_backend_cuda_destroy(moecal_backend *b)
+{
+    cuda_destroy(b);
+}
 }

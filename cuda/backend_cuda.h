@@ -16,9 +16,9 @@
  * is freed.  Chunks in memory the caller pinned otherwise (cudaHostRegister,
  * cudaMallocHost) are recognised too.
  *
- * Proposed for moecal_backend_ops as optional members (submit_chunk,
- * finish_chunk, pin_host, unpin_host); until then the driver (and the tests
- * and benchmark) may call these directly when the backend is the CUDA one.
+ * The same functions fill moecal_backend_ops' optional members
+ * (submit_chunk, finish_chunk, pin_host, unpin_host), through which the
+ * driver calls them; the tests and the benchmark call them directly.
  */
 #ifndef MOECAL_BACKEND_CUDA_H
 #define MOECAL_BACKEND_CUDA_H
@@ -32,6 +32,14 @@
 extern "C" {
 #endif
 
+/* The members of moecal_backend_cuda (backend.h's contracts). */
+bool moecal_backend_cuda_available(void);
+moecal_status moecal_backend_cuda_create(const moecal_backend_config *cfg, moecal_backend **out);
+moecal_status moecal_backend_cuda_load_layer(moecal_backend *b, const moecal_layer_weights *w);
+moecal_status moecal_backend_cuda_run_chunk(moecal_backend *b, const uint16_t *x, int64_t ntok,
+                                            const uint8_t *skip, moecal_chunk_stats *out);
+void moecal_backend_cuda_timings(const moecal_backend *b, double t[MOECAL_NPHASE]);
+void moecal_backend_cuda_destroy(moecal_backend *b);
 moecal_status moecal_backend_cuda_submit_chunk(moecal_backend *b, const uint16_t *x,
                                                int64_t ntok, const uint8_t *skip);
 moecal_status moecal_backend_cuda_finish_chunk(moecal_backend *b, moecal_chunk_stats *out);

@@ -78,6 +78,18 @@ typedef struct moecal_chunk_stats {
     float *amax_h;     /* [n_local] amax of the w2 input, 0 if no token */
 } moecal_chunk_stats;
 
+/* The phases a backend's time is split into (timings): routing, the gather
+ * of each expert's rows, the expert GEMMs, the activation amax pass, and the
+ * host<->device copies. */
+typedef enum moecal_phase {
+    MOECAL_PHASE_ROUTE,
+    MOECAL_PHASE_GATHER,
+    MOECAL_PHASE_GEMM,
+    MOECAL_PHASE_ACT,
+    MOECAL_PHASE_COPY,
+    MOECAL_NPHASE
+} moecal_phase;
+
 typedef struct moecal_backend_ops {
     const char *name;
     /* Is the backend usable here (a GPU present, ...)?  NULL = always. */
@@ -88,8 +100,8 @@ typedef struct moecal_backend_ops {
      * rows under --nonfinite=skip) or NULL. */
     moecal_status (*run_chunk)(moecal_backend *b, const uint16_t *x, int64_t ntok,
                                const uint8_t *skip, moecal_chunk_stats *out);
-    /* Time split in seconds since create (route, gather, gemm, act, copy). */
-    void (*timings)(const moecal_backend *b, double t[5]);
+    /* Seconds spent in each phase since create. */
+    void (*timings)(const moecal_backend *b, double t[MOECAL_NPHASE]);
     void (*destroy)(moecal_backend *b);
     /* Optional (NULL: the driver uses run_chunk, and pageable memory). */
     moecal_status (*submit_chunk)(moecal_backend *b, const uint16_t *x, int64_t ntok,

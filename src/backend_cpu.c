@@ -71,7 +71,6 @@
  * implementations lack it and the weak reference stays NULL. */
 void openblas_set_num_threads(int num_threads) __attribute__((weak));
 
-enum { T_ROUTE, T_GATHER, T_GEMM, T_ACT, T_COPY };
 
 typedef struct work_item {
     int32_t expert;      /* local expert index */
@@ -85,7 +84,7 @@ typedef struct thread_buf {
     float *ab;           /* [ROW_BLOCK][2I] a | b */
     void *router;        /* router scratch */
     double *acc;         /* [2E] logit accumulators (block, total) */
-    double t[5];         /* seconds in gather, gemm, act */
+    double t[MOECAL_NPHASE];         /* seconds in gather, gemm, act */
     char pad[64];        /* keep neighbours' counters off this cache line */
 } thread_buf;
 
@@ -115,7 +114,7 @@ struct moecal_backend {
     int64_t max_items;
     thread_buf *tb;              /* [nthreads] */
 
-    double t[5];
+    double t[MOECAL_NPHASE];
 };
 
 static double now(void)
@@ -536,7 +535,7 @@ OMP_PARALLEL_FOR(num_threads(b->nthreads) schedule(dynamic, 1))
         }
     }
     t1 = now();
-    b->t[T_ROUTE] += t1 - t0;
+    b->t[MOECAL_PHASE_ROUTE] += t1 - t0;
     t0 = t1;
 
     /* 3. rows of each local expert (counting sort, ascending token order),
@@ -599,7 +598,7 @@ OMP_PARALLEL_FOR(num_threads(b->nthreads) schedule(dynamic, 1))
         }
     }
     t1 = now();
-    b->t[T_GATHER] += t1 - t0;
+    b->t[MOECAL_PHASE_GATHER] += t1 - t0;
     t0 = t1;
     for (int i = 0; i < b->nthreads; i++)
         memset(b->tb[i].t, 0, sizeof b->tb[i].t);
@@ -621,29 +620,29 @@ OMP_PARALLEL_FOR(num_threads(b->nthreads) schedule(dynamic, 1))
             a = tb->xg;
         }
         s1 = now();
-        tb->t[T_GATHER] += s1 - s0;
+        tb->t[MOECAL_PHASE_GATHER] += s1 - s0;
         s0 = s1;
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nr, (int)I2, (int)H, 1.0f,
                     a, (int)H, b->w13 + (size_t)it->expert * I2 * H, (int)H, 0.0f, tb->ab,
                     (int)I2);
         s1 = now();
-        tb->t[T_GEMM] += s1 - s0;
+        tb->t[MOECAL_PHASE_GEMM] += s1 - s0;
         s0 = s1;
         it->amax_h = activation_amax(tb->ab, nr, NI, &it->nan);
-        tb->t[T_ACT] += now() - s0;
+        tb->t[MOECAL_PHASE_ACT] += now() - s0;
     }
     t1 = now();
 
     /* apportion the parallel section's wall time by the threads' busy time */
     {
-        double busy[5] = {0}, sum = 0.0;
+        double busy[MOECAL_NPHASE] = {0}, sum = 0.0;
         for (int i = 0; i < b->nthreads; i++) {
-            for (int j = T_GATHER; j <= T_ACT; j++)
+            for (int j = MOECAL_PHASE_GATHER; j <= MOECAL_PHASE_ACT; j++)
                 busy[j] += b->tb[i].t[j];
         }
-        for (int j = T_GATHER; j <= T_ACT; j++)
+        for (int j = MOECAL_PHASE_GATHER; j <= MOECAL_PHASE_ACT; j++)
             sum += busy[j];
-        for (int j = T_GATHER; j <= T_ACT && sum > 0.0; j++)
+        for (int j = MOECAL_PHASE_GATHER; j <= MOECAL_PHASE_ACT && sum > 0.0; j++)
             b->t[j] += (t1 - t0) * busy[j] / sum;
     }
 
@@ -658,9 +657,9 @@ OMP_PARALLEL_FOR(num_threads(b->nthreads) schedule(dynamic, 1))
     return MOECAL_OK;
 }
 
-static void cpu_timings(const moecal_backend *b, double t[5])
+static void cpu_timings(const moecal_backend *b, double t[MOECAL_NPHASE])
 {
-    for (int i = 0; i < 5; i++)
+    for (int i = 0; i < MOECAL_NPHASE; i++)
         t[i] = b->t[i];
 }
 

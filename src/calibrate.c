@@ -640,502 +640,649 @@ static void warn_zero_amax(const job *j, const int64_t *skipped)
     free(tot);
 }
 
-moecal_status moecal_calibrate_run(const moecal_comm *c, const moecal_calib_params *p)
+/* ---------------------------------------------------------------- the phases */
+
+/* Index helpers over the rank's slabs (experts k of [0, n)) and the whole
+ * tables (experts e of [0, E)). */
+static size_t ix_amax(const job *j, int li, int k)        /* [L][n][3] */
 {
-    job j = {0};
-    moecal_status s = MOECAL_OK;
+    MOECAL_ASSERT(li >= 0 && li < j->L && k >= 0 && k <= j->n);
+    return ((size_t)li * (size_t)j->n + (size_t)k) * 3;
+}
+
+static size_t ix_tok(const job *j, int li, int ci, int k) /* [L][C][n] */
+{
+    MOECAL_ASSERT(li >= 0 && li < j->L && ci >= 0 && ci < j->C && k >= 0 && k < j->n);
+    return ((size_t)li * (size_t)j->C + (size_t)ci) * (size_t)j->n + (size_t)k;
+}
+
+static size_t ix_hist(const job *j, int li, int ci, int k) /* [L][C][n][3] */
+{
+    return ix_tok(j, li, ci, k) * 3;
+}
+
+static size_t ix_full(const job *j, int li, int e)        /* [L][E] */
+{
+    MOECAL_ASSERT(li >= 0 && li < j->L && e >= 0 && e < j->E);
+    return (size_t)li * (size_t)j->E + (size_t)e;
+}
+
+/* What one run holds besides the job's tables. */
+typedef struct calib {
+    job j;
     const moecal_backend_ops *ops;
-    moecal_backend *be = NULL;
-    moecal_backend_config bc = {0};
-    moecal_tokens *tk = NULL;
-    moecal_prefetch *pf = NULL;
-    chunk_pipe pp = {0};
-    moecal_chunk ch;
-    moecal_chunk_stats cs = {0};
-    char act_path[4096], tmp_path[4200], created[64], fingerprint[17];
-    progress pg = {0};
-    double t_start, t_compute = 0, t_load = 0;
-    int64_t nskipped = 0, first_step = 0, nsteps;
-    int64_t *layer_skipped = NULL;   /* rows skipped per layer (rank 0's count) */
-    int lock_fd = -1;
-    moecal_amax_meta m = {0};
-    int64_t *cstart = NULL, *ccount = NULL;
-    uint64_t hash = 0;
-    const char *ev_stop = getenv("MOECAL_TEST_STOP_AT_STEP");
-    const char *ev_delay = getenv("MOECAL_TEST_CHUNK_DELAY_MS");
-    long test_stop_at = ev_stop && *ev_stop ? strtol(ev_stop, NULL, 10) : -1;
-    long test_delay_ms = ev_delay && *ev_delay ? strtol(ev_delay, NULL, 10) : 0;
+    moecal_backend *be;
+    moecal_tokens *tk;
+    moecal_prefetch *pf;
+    chunk_pipe pp;
+    moecal_chunk_stats cs;
+    moecal_amax_meta m;
+    char act_path[4096], created[64], fingerprint[17];
+    int64_t *cstart, *ccount;    /* chunk rows */
+    int64_t *layer_skipped;      /* non-finite rows skipped per layer */
+    int64_t first_step, nsteps, nskipped;
+    uint64_t hash;
+    int lock_fd;
+    double t_start, t_compute, t_load;
+    progress pg;
+    long test_stop_at, test_delay_ms;
+} calib;
 
-    j.c = c;
-    j.p = p;
-    t_start = moecal_now();
-    if (p->activations)
-        snprintf(act_path, sizeof act_path, "%s", p->activations);
-    else
-        snprintf(act_path, sizeof act_path, "%s/activations.h5", p->model_dir);
+/* Stop the compute: the weight reader, pinned memory, token reader and
+ * backend, on the normal end and after a signal alike. */
+static void close_compute(calib *r)
+{
+    moecal_prefetch_destroy(r->pf);
+    r->pf = NULL;
+    unpin_all(&r->pp);
+    moecal_tokens_destroy(r->tk);
+    r->tk = NULL;
+    if (r->be)
+        r->ops->destroy(r->be);
+    r->be = NULL;
+}
 
-    /* One job per output; an existing output is kept unless --force (a
-     * requeued --resume run whose output is complete has nothing to do). */
-    {
-        int state = 0; /* 1 exists, 2 complete-and-resume */
-        if (c->rank == 0)
-            s = check_output(p, act_path);
-        moecal_check_all(s);
-        if (c->rank == 0) {
-            s = lock_output(p->output, &lock_fd);
-            if (s == MOECAL_OK && file_exists(p->output) != MOECAL_OK && !p->force) {
-                char ck[4200];
-                side_path(p->output, ".ckpt.h5", ck, sizeof ck);
-                state = p->resume && access(ck, F_OK) != 0 ? 2 : 1;
-            }
-        }
-        moecal_check_all(s);
-        MOECAL_MPI_CHECK(MPI_Bcast(&state, 1, MPI_INT, 0, c->world));
-        if (state == 2) {
-            moecal_log(MOECAL_LOG_INFO, "# %s is complete: nothing to resume", p->output);
-            unlock_output(p->output, lock_fd);
-            return MOECAL_OK;
-        }
-        if (state == 1) {
-            moecal_error_set(MOECAL_ERR_EXISTS, "%s exists; use --force to overwrite it",
-                             p->output);
-            moecal_fatal_all(MOECAL_ERR_EXISTS);
+static void calib_free(calib *r)
+{
+    close_compute(r);
+    free(r->cs.tokens);
+    free(r->cs.amax_x);
+    free(r->cs.amax_h);
+    pipe_free(&r->pp);
+    free(r->cstart);
+    free(r->ccount);
+    free(r->layer_skipped);
+    job_free(&r->j);
+    unlock_output(r->j.p->output, r->lock_fd);
+}
+
+/* Claim the output: checked, locked, and either free, replaced with --force,
+ * or complete with --resume (*done: nothing to do). */
+static moecal_status claim_output(calib *r, bool *done)
+{
+    const moecal_comm *c = r->j.c;
+    const moecal_calib_params *p = r->j.p;
+    moecal_status s = MOECAL_OK;
+    int state = 0; /* 1 exists, 2 complete-and-resume */
+
+    *done = false;
+    if (c->rank == 0)
+        s = check_output(p, r->act_path);
+    moecal_check_all(s);
+    if (c->rank == 0) {
+        s = lock_output(p->output, &r->lock_fd);
+        if (s == MOECAL_OK && file_exists(p->output) != MOECAL_OK && !p->force) {
+            char ck[4200];
+            side_path(p->output, ".ckpt.h5", ck, sizeof ck);
+            state = p->resume && access(ck, F_OK) != 0 ? 2 : 1;
         }
     }
-
-    /* Inputs: every rank reads the config and index; rank 0 checks the
-     * activation file against them before any compute. */
-    s = moecal_model_open(p->model_dir, &j.model);
     moecal_check_all(s);
-    j.cfg = moecal_model_cfg(j.model);
-    j.prec = p->router_logits >= 0 ? p->router_logits : moecal_router_logits_default(j.cfg);
-    s = moecal_calib_parse_layers(p->layers, j.cfg->moe_layers, j.cfg->n_moe_layers, &j.layers,
-                                  &j.L);
+    MOECAL_MPI_CHECK(MPI_Bcast(&state, 1, MPI_INT, 0, c->world));
+    if (state == 2) {
+        moecal_log(MOECAL_LOG_INFO, "# %s is complete: nothing to resume", p->output);
+        *done = true;
+    } else if (state == 1) {
+        moecal_error_set(MOECAL_ERR_EXISTS, "%s exists; use --force to overwrite it", p->output);
+        moecal_fatal_all(MOECAL_ERR_EXISTS);
+    }
+    return MOECAL_OK;
+}
+
+/* Inputs: every rank reads the config and index; rank 0 checks the
+ * activation file against them before any compute.  Then the rank's experts
+ * (contiguous balanced blocks; none when ranks > experts) and the chunks. */
+static moecal_status open_inputs(calib *r)
+{
+    job *j = &r->j;
+    const moecal_comm *c = j->c;
+    const moecal_calib_params *p = j->p;
+    moecal_status s = moecal_model_open(p->model_dir, &j->model);
+
+    moecal_check_all(s);
+    j->cfg = moecal_model_cfg(j->model);
+    j->prec = p->router_logits >= 0 ? p->router_logits : moecal_router_logits_default(j->cfg);
+    s = moecal_calib_parse_layers(p->layers, j->cfg->moe_layers, j->cfg->n_moe_layers,
+                                  &j->layers, &j->L);
     if (s != MOECAL_OK)
         moecal_fatal_all(s);
-    layer_skipped = calloc((size_t)j.L, sizeof *layer_skipped);
+    r->layer_skipped = calloc((size_t)j->L, sizeof *r->layer_skipped);
     if (c->rank == 0)
-        s = check_inputs(&j, act_path);
+        s = check_inputs(j, r->act_path);
     moecal_check_all(s);
-    MOECAL_MPI_CHECK(MPI_Bcast(&j.T, 1, MPI_INT64_T, 0, c->world));
+    MOECAL_MPI_CHECK(MPI_Bcast(&j->T, 1, MPI_INT64_T, 0, c->world));
+    j->E = j->cfg->n_routed_experts;
+    j->H = j->cfg->hidden_size;
+    j->I = j->cfg->moe_intermediate_size;
+    j->e0 = (int)((int64_t)j->E * c->rank / c->size);
+    j->e1 = (int)((int64_t)j->E * (c->rank + 1) / c->size);
+    j->n = j->e1 - j->e0;
+    j->chunk = p->chunk_tokens < j->T ? p->chunk_tokens : j->T;
+    j->C = (j->T + j->chunk - 1) / j->chunk;
+    return MOECAL_OK;
+}
 
-    j.E = j.cfg->n_routed_experts;
-    j.H = j.cfg->hidden_size;
-    j.I = j.cfg->moe_intermediate_size;
-    /* Contiguous balanced blocks; a rank may own none when ranks > experts. */
-    j.e0 = (int)((int64_t)j.E * c->rank / c->size);
-    j.e1 = (int)((int64_t)j.E * (c->rank + 1) / c->size);
-    j.n = j.e1 - j.e0;
-    j.chunk = p->chunk_tokens < j.T ? p->chunk_tokens : j.T;
-    j.C = (j.T + j.chunk - 1) / j.chunk;
+/* The rank's slabs, the per-chunk statistics and the chunk table. */
+static void alloc_tables(calib *r)
+{
+    job *j = &r->j;
+    moecal_status s = MOECAL_OK;
+    size_t L = (size_t)j->L, n = (size_t)j->n, C = (size_t)j->C;
 
-    {
-        size_t L = (size_t)j.L, n = (size_t)j.n, C = (size_t)j.C;
-        j.amax_cal = xcalloc(L * n * 3, sizeof(float), &s);
-        j.weight_amax = xcalloc(L * n * 3, sizeof(float), &s);
-        j.amax_final = xcalloc(L * n * 3, sizeof(float), &s);
-        j.hist = xcalloc(L * C * n * 3, sizeof(float), &s);
-        j.tok = xcalloc(L * C * n, sizeof(int64_t), &s);
-        cs.tokens = xcalloc(n, sizeof(int64_t), &s);
-        cs.amax_x = xcalloc(n, sizeof(float), &s);
-        cs.amax_h = xcalloc(n, sizeof(float), &s);
-        for (int q = 0; q < 2; q++) {
-            pp.done[q].tokens = xcalloc(n, sizeof(int64_t), &s);
-            pp.done[q].amax_x = xcalloc(n, sizeof(float), &s);
-            pp.done[q].amax_h = xcalloc(n, sizeof(float), &s);
-        }
-        pp.nloc = j.n;
+    j->amax_cal = xcalloc(L * n * 3, sizeof(float), &s);
+    j->weight_amax = xcalloc(L * n * 3, sizeof(float), &s);
+    j->amax_final = xcalloc(L * n * 3, sizeof(float), &s);
+    j->hist = xcalloc(L * C * n * 3, sizeof(float), &s);
+    j->tok = xcalloc(L * C * n, sizeof(int64_t), &s);
+    r->cs.tokens = xcalloc(n, sizeof(int64_t), &s);
+    r->cs.amax_x = xcalloc(n, sizeof(float), &s);
+    r->cs.amax_h = xcalloc(n, sizeof(float), &s);
+    for (int q = 0; q < 2; q++) {
+        r->pp.done[q].tokens = xcalloc(n, sizeof(int64_t), &s);
+        r->pp.done[q].amax_x = xcalloc(n, sizeof(float), &s);
+        r->pp.done[q].amax_h = xcalloc(n, sizeof(float), &s);
     }
-    cstart = xcalloc((size_t)j.C, sizeof *cstart, &s);
-    ccount = xcalloc((size_t)j.C, sizeof *ccount, &s);
+    r->pp.nloc = j->n;
+    r->cstart = xcalloc(C, sizeof *r->cstart, &s);
+    r->ccount = xcalloc(C, sizeof *r->ccount, &s);
     moecal_check_all(s);
-    for (int ci = 0; ci < j.C; ci++) {
-        cstart[ci] = (int64_t)ci * j.chunk;
-        ccount[ci] = (ci + 1) * j.chunk > j.T ? j.T - cstart[ci] : j.chunk;
+    for (int ci = 0; ci < j->C; ci++) {
+        r->cstart[ci] = (int64_t)ci * j->chunk;
+        r->ccount[ci] = (ci + 1) * j->chunk > j->T ? j->T - r->cstart[ci] : j->chunk;
     }
+}
+
+/* The provenance every rank writes: rank 0's hash of the inputs, time and
+ * checkpoint fingerprint, and the run's settings. */
+static moecal_status describe(calib *r)
+{
+    job *j = &r->j;
+    const moecal_comm *c = j->c;
+    const moecal_calib_params *p = j->p;
+    moecal_amax_meta *m = &r->m;
+    moecal_status s = MOECAL_OK;
+
     if (c->rank == 0)
-        hash = input_hash(&j, act_path);
-    MOECAL_MPI_CHECK(MPI_Bcast(&hash, 1, MPI_UINT64_T, 0, c->world));
+        r->hash = input_hash(j, r->act_path);
+    MOECAL_MPI_CHECK(MPI_Bcast(&r->hash, 1, MPI_UINT64_T, 0, c->world));
     {
         time_t now = time(NULL);
         struct tm tmv;
         gmtime_r(&now, &tmv);
-        strftime(created, sizeof created, "%Y-%m-%dT%H:%M:%SZ", &tmv);
-        MOECAL_MPI_CHECK(MPI_Bcast(created, sizeof created, MPI_CHAR, 0, c->world));
+        strftime(r->created, sizeof r->created, "%Y-%m-%dT%H:%M:%SZ", &tmv);
+        MOECAL_MPI_CHECK(MPI_Bcast(r->created, sizeof r->created, MPI_CHAR, 0, c->world));
     }
-    m.created = created;
-    m.command_line = p->command_line;
-    m.all_experts = p->all_experts;
-    m.router_logits = j.prec;
     if (c->rank == 0)
-        s = moecal_checkpoint_fingerprint(j.model, fingerprint);
+        s = moecal_checkpoint_fingerprint(j->model, r->fingerprint);
     moecal_check_all(s);
-    MOECAL_MPI_CHECK(MPI_Bcast(fingerprint, sizeof fingerprint, MPI_CHAR, 0, c->world));
-    m.checkpoint_fingerprint = fingerprint;
-    m.qfmt = p->qfmt;
-    m.model_path = p->model_dir;
-    m.activations_path = act_path;
-    m.placement_json = p->placement_json ? p->placement_json : "[]";
-    m.n_ranks = c->size;
-    m.n_nodes = c->n_nodes;
-    m.tokens = j.T;
-    m.chunk_tokens = j.chunk;
-    m.cfg = j.cfg;
-    m.L = j.L;
-    m.E = j.E;
-    m.C = (int)j.C;
-    m.layers = j.layers;
-    m.chunk_start = cstart;
-    m.chunk_count = ccount;
-    m.input_hash = hash;
-    nsteps = (int64_t)j.L * j.C;
+    MOECAL_MPI_CHECK(MPI_Bcast(r->fingerprint, sizeof r->fingerprint, MPI_CHAR, 0, c->world));
+    m->created = r->created;
+    m->command_line = p->command_line;
+    m->all_experts = p->all_experts;
+    m->router_logits = j->prec;
+    m->checkpoint_fingerprint = r->fingerprint;
+    m->qfmt = p->qfmt;
+    m->model_path = p->model_dir;
+    m->activations_path = r->act_path;
+    m->placement_json = p->placement_json ? p->placement_json : "[]";
+    m->n_ranks = c->size;
+    m->n_nodes = c->n_nodes;
+    m->tokens = j->T;
+    m->chunk_tokens = j->chunk;
+    m->cfg = j->cfg;
+    m->L = j->L;
+    m->E = j->E;
+    m->C = (int)j->C;
+    m->layers = j->layers;
+    m->chunk_start = r->cstart;
+    m->chunk_count = r->ccount;
+    m->input_hash = r->hash;
+    r->nsteps = (int64_t)j->L * j->C;
+    return MOECAL_OK;
+}
 
-    /* Resume: the newest checkpoint that validates; one from other inputs
-     * or options is refused. */
-    if (p->resume) {
-        char paths[2][4200];
-        int found = 0;
-        side_path(p->output, ".ckpt.h5", paths[0], sizeof paths[0]);
-        side_path(p->output, ".ckpt.prev.h5", paths[1], sizeof paths[1]);
-        for (int k = 0; k < 2 && !found; k++) {
-            int here = access(paths[k], F_OK) == 0, ok;
-            if (!here)
-                continue;
-            s = moecal_amax_read_checkpoint(paths[k], hash, &m, j.e0, j.e1, j.amax_cal,
-                                            j.weight_amax, j.hist, j.tok, &first_step);
-            if (s == MOECAL_ERR_MISMATCH) {
-                if (c->rank != 0) /* rank 0 reports it */
-                    s = moecal_error_peer(0, moecal_status_exit_code(s));
-                break;
-            }
-            ok = s == MOECAL_OK;
-            MOECAL_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_MIN, c->world));
-            if (ok) {
-                found = 1;
-                moecal_log(MOECAL_LOG_INFO, "# resuming from %s at layer %lld/%d chunk %lld/%lld",
-                           paths[k], (long long)(first_step / j.C) + 1, j.L,
-                           (long long)(first_step % j.C) + 1, (long long)j.C);
-            } else {
-                moecal_warn("%s", moecal_error_message());
-                s = MOECAL_OK;
-                first_step = 0;
-            }
+/* Resume: the newest checkpoint that validates; one from other inputs or
+ * options is refused. */
+static moecal_status resume(calib *r)
+{
+    job *j = &r->j;
+    const moecal_comm *c = j->c;
+    moecal_status s = MOECAL_OK;
+    char paths[2][4200];
+    int found = 0;
+
+    side_path(j->p->output, ".ckpt.h5", paths[0], sizeof paths[0]);
+    side_path(j->p->output, ".ckpt.prev.h5", paths[1], sizeof paths[1]);
+    for (int k = 0; k < 2 && !found; k++) {
+        int ok;
+        if (access(paths[k], F_OK) != 0)
+            continue;
+        s = moecal_amax_read_checkpoint(paths[k], r->hash, &r->m, j->e0, j->e1, j->amax_cal,
+                                        j->weight_amax, j->hist, j->tok, &r->first_step);
+        if (s == MOECAL_ERR_MISMATCH) {
+            if (c->rank != 0) /* rank 0 reports it */
+                s = moecal_error_peer(0, moecal_status_exit_code(s));
+            break;
         }
-        moecal_check_all(s);
-        if (!found) {
-            memset(j.amax_cal, 0, (size_t)j.L * (size_t)j.n * 3 * sizeof(float));
-            memset(j.hist, 0, (size_t)j.L * (size_t)j.C * (size_t)j.n * 3 * sizeof(float));
-            memset(j.tok, 0, (size_t)j.L * (size_t)j.C * (size_t)j.n * sizeof(int64_t));
-            first_step = 0;
-            moecal_log(MOECAL_LOG_INFO, "# no checkpoint to resume from: starting at the beginning");
+        ok = s == MOECAL_OK;
+        MOECAL_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_MIN, c->world));
+        if (ok) {
+            found = 1;
+            moecal_log(MOECAL_LOG_INFO, "# resuming from %s at layer %lld/%d chunk %lld/%lld",
+                       paths[k], (long long)(r->first_step / j->C) + 1, j->L,
+                       (long long)(r->first_step % j->C) + 1, (long long)j->C);
+        } else {
+            moecal_warn("%s", moecal_error_message());
+            s = MOECAL_OK;
+            r->first_step = 0;
         }
     }
+    moecal_check_all(s);
+    if (!found) {
+        memset(j->amax_cal, 0, (size_t)j->L * (size_t)j->n * 3 * sizeof(float));
+        memset(j->hist, 0, (size_t)j->L * (size_t)j->C * (size_t)j->n * 3 * sizeof(float));
+        memset(j->tok, 0, (size_t)j->L * (size_t)j->C * (size_t)j->n * sizeof(int64_t));
+        r->first_step = 0;
+        moecal_log(MOECAL_LOG_INFO, "# no checkpoint to resume from: starting at the beginning");
+    }
+    return MOECAL_OK;
+}
 
-    /* Backend. */
-    if (strcmp(p->backend, "auto") == 0)
-        ops = moecal_backend_auto();
-    else
-        ops = moecal_backend_find(p->backend);
-    if (!ops || (ops->available && !ops->available())) {
+/* The backend, the token reader and the weight reader (the first layer's
+ * read started). */
+static void open_compute(calib *r)
+{
+    job *j = &r->j;
+    const moecal_comm *c = j->c;
+    const moecal_calib_params *p = j->p;
+    moecal_backend_config bc = {0};
+    moecal_status s;
+
+    r->ops = strcmp(p->backend, "auto") == 0 ? moecal_backend_auto()
+                                             : moecal_backend_find(p->backend);
+    if (!r->ops || (r->ops->available && !r->ops->available())) {
         moecal_error_set(MOECAL_ERR_UNSUPPORTED, "backend '%s' is not available in this build or "
                          "on this machine (%s)", p->backend, MOECAL_BUILD_OPTIONS);
         moecal_fatal_all(MOECAL_ERR_UNSUPPORTED);
     }
-    bc.model = j.cfg;
-    bc.e0 = j.e0;
-    bc.e1 = j.e1;
-    bc.max_chunk_tokens = j.chunk;
+    bc.model = j->cfg;
+    bc.e0 = j->e0;
+    bc.e1 = j->e1;
+    bc.max_chunk_tokens = j->chunk;
     bc.all_experts = p->all_experts;
-    bc.router_logits = j.prec;
+    bc.router_logits = j->prec;
     bc.device = p->gpu;
     bc.gpu_mem_limit = p->gpu_mem_limit;
     bc.threads = p->threads;
     bc.rank = c->rank;
-    s = ops->create(&bc, &be);
+    s = r->ops->create(&bc, &r->be);
     moecal_check_all(s);
     moecal_log(MOECAL_LOG_INFO, "# backend %s, %d MoE layers x %d experts (%d-%d per rank), "
-               "%lld tokens in %lld chunks of %lld, mode %s%s%s", ops->name, j.L, j.E,
-               j.E / c->size, (j.E + c->size - 1) / c->size, (long long)j.T, (long long)j.C,
-               (long long)j.chunk, p->all_experts ? "all-experts" : "top-k + peer-max sync",
+               "%lld tokens in %lld chunks of %lld, mode %s%s%s", r->ops->name, j->L, j->E,
+               j->E / c->size, (j->E + c->size - 1) / c->size, (long long)j->T,
+               (long long)j->C, (long long)j->chunk,
+               p->all_experts ? "all-experts" : "top-k + peer-max sync",
                p->all_experts ? "" : ", router logits ",
-               p->all_experts ? "" : moecal_router_logits_name(j.prec));
+               p->all_experts ? "" : moecal_router_logits_name(j->prec));
 
     /* Chunks overlap when the backend can take one ahead: then the token
      * window holds three chunks (the one computing, the next, the one read). */
-    pp.ops = ops;
-    pp.be = be;
-    pp.async = ops->submit_chunk != NULL && ops->finish_chunk != NULL;
+    r->pp.ops = r->ops;
+    r->pp.be = r->be;
+    r->pp.async = r->ops->submit_chunk != NULL && r->ops->finish_chunk != NULL;
     {
         const char *ev = getenv("MOECAL_TEST_DEFER_CHUNKS");
-        pp.defer = !pp.async && ev && strcmp(ev, "1") == 0;
+        r->pp.defer = !r->pp.async && ev && strcmp(ev, "1") == 0;
     }
-    s = moecal_tokens_create(c, act_path, j.H, j.layers, j.L, j.T, j.chunk, p->nonfinite,
-                             first_step, pp.async || pp.defer ? 3 : 2, &tk);
+    s = moecal_tokens_create(c, r->act_path, j->H, j->layers, j->L, j->T, j->chunk,
+                             p->nonfinite, r->first_step, r->pp.async || r->pp.defer ? 3 : 2,
+                             &r->tk);
     moecal_check_all(s);
-    if (ops->pin_host) {
+    if (r->ops->pin_host) {
         void *base;
         size_t bytes;
-        moecal_tokens_window(tk, &base, &bytes);
-        pin(&pp, base, bytes);
+        moecal_tokens_window(r->tk, &base, &bytes);
+        pin(&r->pp, base, bytes);
     }
-    s = moecal_prefetch_create(j.model, j.e0, j.n, ops->fp8_weights, read_threads(p), &pf);
+    s = moecal_prefetch_create(j->model, j->e0, j->n, r->ops->fp8_weights, read_threads(p),
+                               &r->pf);
     if (s == MOECAL_OK)
-        s = moecal_prefetch_start(pf, j.layers[first_step / j.C]);
+        s = moecal_prefetch_start(r->pf, j->layers[r->first_step / j->C]);
     moecal_check_all(s);
+}
 
-    pg.tty = isatty(STDERR_FILENO);
-    pg.t0 = pg.tlayer = moecal_now();
-    pg.tokens_total = j.T * j.L - (first_step / j.C) * j.T - (first_step % j.C) * j.chunk;
-    for (int li = (int)(first_step / j.C); li < j.L; li++) {
+/* A finished chunk's statistics into the history, counts and running amax. */
+static void record_chunk(calib *r, int li, int ci)
+{
+    job *j = &r->j;
+    const moecal_chunk_stats *cs = &r->cs;
+
+    for (int k = 0; k < j->n; k++)
+        if (isnan(cs->amax_h[k]) || isinf(cs->amax_h[k]))
+            moecal_fatal(moecal_error_set(MOECAL_ERR_NONFINITE,
+                "layer %d expert %d: the w2 input (silu(x W1^T) * x W3^T) overflowed to "
+                "%g in chunk %d; the expert's weights are too large for bf16",
+                j->layers[li], j->e0 + k, (double)cs->amax_h[k], ci));
+    for (int k = 0; k < j->n; k++) {
+        float *h = &j->hist[ix_hist(j, li, ci, k)], *a = &j->amax_cal[ix_amax(j, li, k)];
+        h[0] = cs->amax_x[k];
+        h[1] = cs->amax_h[k];
+        h[2] = cs->amax_x[k];
+        j->tok[ix_tok(j, li, ci, k)] = cs->tokens[k];
+        for (int q = 0; q < 3; q++)
+            a[q] = fmaxf(a[q], h[q]);
+    }
+}
+
+/* Every rank agrees on a pending SIGTERM/SIGUSR1 at this chunk boundary and
+ * on a checkpoint; returns the signal (0: go on).  Test hooks:
+ * MOECAL_TEST_STOP_AT_STEP=N acts as a signal after step N;
+ * MOECAL_TEST_CHUNK_DELAY_MS slows each chunk down. */
+static int chunk_boundary(calib *r, int li, int ci)
+{
+    job *j = &r->j;
+    const int64_t step = (int64_t)li * j->C + ci;
+    int stop = moecal_signal_pending();
+
+    if (r->test_stop_at >= 0 && step + 1 == r->test_stop_at)
+        stop = 10;
+    if (r->test_delay_ms > 0)
+        usleep((useconds_t)r->test_delay_ms * 1000);
+    if (MPI_Allreduce(MPI_IN_PLACE, &stop, 1, MPI_INT, MPI_MAX, j->c->world) != MPI_SUCCESS)
+        moecal_fatal(moecal_error_set(MOECAL_ERR_MPI, "agreeing on a stop after layer %d "
+                                      "chunk %d failed", li + 1, ci + 1));
+    if (step + 1 >= r->nsteps)
+        return 0; /* the last step: the output follows */
+    if (stop || (j->p->checkpoint_every > 0 && (step + 1) % j->p->checkpoint_every == 0)) {
+        moecal_tokens_quiesce(r->tk);
+        moecal_check_all(write_checkpoint(j, &r->m, step + 1));
+        moecal_log(MOECAL_LOG_VERBOSE, "# checkpoint after layer %d chunk %d", li + 1, ci + 1);
+    }
+    if (stop) {
+        char ck[4200];
+        side_path(j->p->output, ".ckpt.h5", ck, sizeof ck);
+        moecal_log(MOECAL_LOG_QUIET, "moecal: signal %d: stopped after layer %d/%d chunk "
+                   "%d/%lld; checkpoint %s written; rerun with --resume to continue",
+                   stop, li + 1, j->L, ci + 1, (long long)j->C, ck);
+    }
+    return stop;
+}
+
+/* The layer x chunk loop.  Returns MOECAL_ERR_INTERRUPTED after a signal
+ * (the checkpoint written), MOECAL_OK at the end. */
+static moecal_status run_layers(calib *r)
+{
+    job *j = &r->j;
+    moecal_status s;
+    moecal_chunk ch, next;
+
+    r->pg.tty = isatty(STDERR_FILENO);
+    r->pg.t0 = r->pg.tlayer = moecal_now();
+    r->pg.tokens_total = j->T * j->L - (r->first_step / j->C) * j->T -
+                         (r->first_step % j->C) * j->chunk;
+    for (int li = (int)(r->first_step / j->C); li < j->L; li++) {
         moecal_layer_weights lw;
-        int ci0 = li == first_step / j.C ? (int)(first_step % j.C) : 0;
-        moecal_chunk next;
+        int ci0 = li == r->first_step / j->C ? (int)(r->first_step % j->C) : 0;
         double t0 = moecal_now();
 
         /* This layer's weights (read during the previous layer), then the
          * next layer's read in the background.  A missing tensor on one rank
          * stops every rank with its message. */
-        s = moecal_prefetch_wait(pf, &lw, &j.weight_amax[(size_t)li * (size_t)j.n * 3]);
+        s = moecal_prefetch_wait(r->pf, &lw, &j->weight_amax[ix_amax(j, li, 0)]);
         if (s == MOECAL_OK)
-            pin_prefetch(&pp, pf);
+            pin_prefetch(&r->pp, r->pf);
         if (s == MOECAL_OK)
-            s = ops->load_layer(be, &lw);
-        if (s == MOECAL_OK && li + 1 < j.L)
-            s = moecal_prefetch_start(pf, j.layers[li + 1]);
+            s = r->ops->load_layer(r->be, &lw);
+        if (s == MOECAL_OK && li + 1 < j->L)
+            s = moecal_prefetch_start(r->pf, j->layers[li + 1]);
         moecal_check_all(s);
-        t_load += moecal_now() - t0;
+        r->t_load += moecal_now() - t0;
 
-        s = moecal_tokens_next(tk, &ch);
-        if (s != MOECAL_OK)
-            moecal_check_all(s);
-        chunk_submit(&pp, &ch, &t_compute);
-        for (int ci = ci0; ci < j.C; ci++) {
-            int64_t step = (int64_t)li * j.C + ci;
-            int stop, ahead = ci + 1 < j.C;
+        moecal_check_all(moecal_tokens_next(r->tk, &ch));
+        chunk_submit(&r->pp, &ch, &r->t_compute);
+        for (int ci = ci0; ci < j->C; ci++) {
+            const int ahead = ci + 1 < j->C;
             /* the next chunk of this layer goes in before this one's results
              * are asked for */
             if (ahead) {
-                s = moecal_tokens_next(tk, &next);
-                if (s != MOECAL_OK)
-                    moecal_check_all(s);
-                chunk_submit(&pp, &next, &t_compute);
+                moecal_check_all(moecal_tokens_next(r->tk, &next));
+                chunk_submit(&r->pp, &next, &r->t_compute);
             }
-            chunk_finish(&pp, &cs, &t_compute);
-            nskipped += ch.nskipped;
-            if (layer_skipped)
-                layer_skipped[li] += ch.nskipped;
-            for (int k = 0; k < j.n; k++)
-                if (isnan(cs.amax_h[k]) || isinf(cs.amax_h[k]))
-                    moecal_fatal(moecal_error_set(MOECAL_ERR_NONFINITE,
-                        "layer %d expert %d: the w2 input (silu(x W1^T) * x W3^T) overflowed to "
-                        "%g in chunk %d; the expert's weights are too large for bf16",
-                        j.layers[li], j.e0 + k, (double)cs.amax_h[k], ci));
-            for (int k = 0; k < j.n; k++) {
-                size_t hi = (((size_t)li * (size_t)j.C + (size_t)ci) * (size_t)j.n + (size_t)k) * 3;
-                size_t ai = ((size_t)li * (size_t)j.n + (size_t)k) * 3;
-                j.hist[hi + 0] = cs.amax_x[k];
-                j.hist[hi + 1] = cs.amax_h[k];
-                j.hist[hi + 2] = cs.amax_x[k];
-                j.tok[((size_t)li * (size_t)j.C + (size_t)ci) * (size_t)j.n + (size_t)k] = cs.tokens[k];
-                for (int q = 0; q < 3; q++)
-                    j.amax_cal[ai + q] = fmaxf(j.amax_cal[ai + q], j.hist[hi + q]);
-            }
-            progress_chunk(&pg, li, j.L, ci, (int)j.C, ch.nrows);
-
-            /* Every rank agrees on a pending SIGTERM/SIGUSR1 at this boundary.
-             * Test hooks: MOECAL_TEST_STOP_AT_STEP=N acts as a signal after
-             * step N; MOECAL_TEST_CHUNK_DELAY_MS slows each chunk down.  The
-             * chunk in flight, if any, does not enter the checkpoint. */
-            stop = moecal_signal_pending();
-            if (test_stop_at >= 0 && step + 1 == test_stop_at)
-                stop = 10;
-            if (test_delay_ms > 0)
-                usleep((useconds_t)test_delay_ms * 1000);
-            MOECAL_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &stop, 1, MPI_INT, MPI_MAX, c->world));
-            if (step + 1 < nsteps &&
-                (stop || (p->checkpoint_every > 0 && (step + 1) % p->checkpoint_every == 0))) {
-                moecal_tokens_quiesce(tk);
-                s = write_checkpoint(&j, &m, step + 1);
-                moecal_check_all(s);
-                moecal_log(MOECAL_LOG_VERBOSE, "# checkpoint after layer %d chunk %d", li + 1,
-                           ci + 1);
-            }
-            if (stop && step + 1 < nsteps) {
-                char ck[4200];
-                side_path(p->output, ".ckpt.h5", ck, sizeof ck);
-                moecal_log(MOECAL_LOG_QUIET, "moecal: signal %d: stopped after layer %d/%d chunk "
-                           "%d/%lld; checkpoint %s written; rerun with --resume to continue",
-                           stop, li + 1, j.L, ci + 1, (long long)j.C, ck);
+            chunk_finish(&r->pp, &r->cs, &r->t_compute);
+            r->nskipped += ch.nskipped;
+            if (r->layer_skipped)
+                r->layer_skipped[li] += ch.nskipped;
+            record_chunk(r, li, ci);
+            progress_chunk(&r->pg, li, j->L, ci, (int)j->C, ch.nrows);
+            /* the chunk in flight, if any, does not enter the checkpoint */
+            int stop = chunk_boundary(r, li, ci);
+            if (stop) {
                 if (ahead)
-                    chunk_finish(&pp, &cs, &t_compute); /* drained, not recorded */
-                moecal_prefetch_destroy(pf);
-                unpin_all(&pp);
-                moecal_tokens_destroy(tk);
-                ops->destroy(be);
-                free(cs.tokens);
-                free(cs.amax_x);
-                free(cs.amax_h);
-                pipe_free(&pp);
-                free(cstart);
-                free(ccount);
-                job_free(&j);
-                unlock_output(p->output, lock_fd);
-                return moecal_error_set(MOECAL_ERR_INTERRUPTED, "interrupted by signal %d", stop);
+                    chunk_finish(&r->pp, &r->cs, &r->t_compute); /* drained, not recorded */
+                return moecal_error_set(MOECAL_ERR_INTERRUPTED, "interrupted by signal %d",
+                                        stop);
             }
             if (ahead)
                 ch = next;
         }
     }
-    {
-        double wait_s = 0, exch_s = 0, tb[5] = {0}, rd_s = 0, rdw_s = 0;
-        moecal_tokens_times(tk, &wait_s, &exch_s);
-        moecal_prefetch_times(pf, &rd_s, &rdw_s);
-        if (ops->timings)
-            ops->timings(be, tb);
-        moecal_log(MOECAL_LOG_VERBOSE, "# rank 0 time: load %.3fs (weights read %.3fs in the "
-                   "background, waited for %.3fs), compute %.3fs (route %.3f, gather %.3f, gemm "
-                   "%.3f, act %.3f, copy %.3f), read wait %.3fs, exchange %.3fs",
-                   t_load, rd_s, rdw_s, t_compute, tb[0], tb[1], tb[2], tb[3], tb[4], wait_s,
-                   exch_s);
-    }
-    moecal_prefetch_destroy(pf);
-    pf = NULL;
-    unpin_all(&pp);
-    moecal_tokens_destroy(tk);
-    tk = NULL;
-    ops->destroy(be);
-    be = NULL;
-
-    /* Fixup: one MPI_Allreduce(MPI_MAX) over the packed [layers x 3] table. */
-    {
-        long long counts[2] = {0, 0}, total[2];
-        s = moecal_peer_max_fixup(c->world, j.amax_cal, j.L, j.n, p->all_experts, j.amax_final,
-                                  &counts[0]);
-        if (s != MOECAL_OK)
-            moecal_fatal(s);
-        for (int li = 0; li < j.L; li++)
-            for (int k = 0; k < j.n; k++) {
-                int64_t t = 0;
-                for (int ci = 0; ci < j.C; ci++)
-                    t += j.tok[((size_t)li * (size_t)j.C + (size_t)ci) * (size_t)j.n + (size_t)k];
-                counts[1] += t == 0;
-            }
-        MOECAL_MPI_CHECK(MPI_Reduce(counts, total, 2, MPI_LONG_LONG, MPI_SUM, 0, c->world));
-        warn_zero_amax(&j, layer_skipped);
-        if (p->all_experts)
-            moecal_log(MOECAL_LOG_INFO, "# all-experts mode: no peer-max sync; %lld experts "
-                       "never saw a token", total[1]);
-        else
-            moecal_log(MOECAL_LOG_INFO, "# peer-max sync: %lld of %lld input quantizers raised to "
-                       "their layer's maximum; %lld experts never routed (uncalibrated, their "
-                       "input amax comes from the sync)", total[0], (long long)j.L * j.E * 3,
-                       total[1]);
-    }
-
-    /* Output: HDF5 under a temporary name, renamed once everything is written. */
-    {
-        moecal_amax_slab sl = {0};
-
-        sl.e0 = j.e0;
-        sl.e1 = j.e1;
-        sl.input_amax = j.amax_final;
-        sl.input_amax_calibrated = j.amax_cal;
-        sl.weight_amax = j.weight_amax;
-        sl.history = j.hist;
-        sl.tokens = j.tok;
-        snprintf(tmp_path, sizeof tmp_path, "%s.tmp", p->output);
-        s = moecal_amax_write_h5(c->world, tmp_path, &m, &sl);
-        moecal_check_all(s);
-
-        /* Whole tables on rank 0 for the side files: slabs are disjoint and
-         * amax are >= 0, so MAX (SUM for counts) assembles them. */
-        {
-            size_t LE = (size_t)j.L * (size_t)j.E, L3 = LE * 3;
-            float *full = calloc(3 * L3, sizeof *full), *res = NULL;
-            int64_t *tk_full = calloc(LE, sizeof *tk_full), *tk_res = NULL;
-            if (c->rank == 0) {
-                res = calloc(3 * L3, sizeof *res);
-                tk_res = calloc(LE, sizeof *tk_res);
-            }
-            if (!full || !tk_full || (c->rank == 0 && (!res || !tk_res)))
-                moecal_fatal(moecal_error_set(MOECAL_ERR_NOMEM, "out of memory"));
-            for (int li = 0; li < j.L; li++)
-                for (int k = 0; k < j.n; k++) {
-                    size_t src = ((size_t)li * (size_t)j.n + (size_t)k) * 3;
-                    size_t dst = ((size_t)li * (size_t)j.E + (size_t)(j.e0 + k)) * 3;
-                    memcpy(&full[dst], &j.amax_final[src], 3 * sizeof(float));
-                    memcpy(&full[L3 + dst], &j.amax_cal[src], 3 * sizeof(float));
-                    memcpy(&full[2 * L3 + dst], &j.weight_amax[src], 3 * sizeof(float));
-                    for (int ci = 0; ci < j.C; ci++)
-                        tk_full[(size_t)li * (size_t)j.E + (size_t)(j.e0 + k)] +=
-                            j.tok[((size_t)li * (size_t)j.C + (size_t)ci) * (size_t)j.n + (size_t)k];
-                }
-            MOECAL_MPI_CHECK(MPI_Reduce(full, res, (int)(3 * L3), MPI_FLOAT, MPI_MAX, 0, c->world));
-            MOECAL_MPI_CHECK(MPI_Reduce(tk_full, tk_res, (int)LE, MPI_INT64_T, MPI_SUM, 0,
-                                        c->world));
-            s = MOECAL_OK;
-            if (c->rank == 0) {
-                /* Side files under staging names first, then renamed, the
-                 * output last: a failure anywhere leaves nothing that looks
-                 * complete. */
-                moecal_amax_tables t = {res, res + L3, res + 2 * L3, tk_res};
-                char fin[N_SIDE][4200], stage[N_SIDE][4300];
-                int renamed = 0;
-                for (int k = 0; k < N_SIDE; k++) {
-                    side_path(p->output, side_suffix[k], fin[k], sizeof fin[k]);
-                    side_path(p->output, side_suffix[k], stage[k], sizeof stage[k] - 4);
-                    strcat(stage[k], ".tmp"); /* lengths checked by check_output */
-                }
-                s = moecal_amax_write_summary(stage[0], &m, j.model, &t);
-                if (s == MOECAL_OK)
-                    s = moecal_amax_write_table(stage[1], &m, j.model, &t);
-                if (s == MOECAL_OK)
-                    s = moecal_amax_write_hf_config(stage[2], &m, &t);
-                if (s == MOECAL_OK)
-                    s = moecal_amax_write_safetensors(stage[3], &m, j.model, &t);
-                for (int k = 0; s == MOECAL_OK && k < N_SIDE; k++) {
-                    if (rename(stage[k], fin[k]) != 0)
-                        s = moecal_error_errno(errno, "%s: rename from %s failed", fin[k],
-                                               stage[k]);
-                    else
-                        renamed++;
-                }
-                if (s == MOECAL_OK && rename(tmp_path, p->output) != 0)
-                    s = moecal_error_errno(errno, "%s: rename from %s failed", p->output,
-                                           tmp_path);
-                if (s != MOECAL_OK) {
-                    unlink(tmp_path);
-                    for (int k = 0; k < N_SIDE; k++) {
-                        unlink(stage[k]);
-                        if (k < renamed)
-                            unlink(fin[k]);
-                    }
-                }
-            }
-            free(full);
-            free(res);
-            free(tk_full);
-            free(tk_res);
-        }
-        moecal_check_all(s);
-    }
-    if (c->rank == 0)
-        remove_checkpoints(p->output);
-    free(cstart);
-    free(ccount);
-    {
-        double el = moecal_now() - t_start;
-        moecal_log(MOECAL_LOG_INFO, "# wrote %s in %.1fs: %lld tokens x %d layers, compute "
-                   "%.0f tokens/s per rank%s", p->output, el, (long long)j.T, j.L,
-                   t_compute > 0 ? (double)j.T * j.L / t_compute : 0.0,
-                   nskipped ? " (non-finite rows skipped)" : "");
-    }
-    free(cs.tokens);
-    free(cs.amax_x);
-    free(cs.amax_h);
-    pipe_free(&pp);
-    free(layer_skipped);
-    job_free(&j);
-    unlock_output(p->output, lock_fd);
     return MOECAL_OK;
+}
+
+static void log_times(calib *r)
+{
+    double wait_s = 0, exch_s = 0, tb[MOECAL_NPHASE] = {0}, rd_s = 0, rdw_s = 0;
+
+    moecal_tokens_times(r->tk, &wait_s, &exch_s);
+    moecal_prefetch_times(r->pf, &rd_s, &rdw_s);
+    if (r->ops->timings)
+        r->ops->timings(r->be, tb);
+    moecal_log(MOECAL_LOG_VERBOSE, "# rank 0 time: load %.3fs (weights read %.3fs in the "
+               "background, waited for %.3fs), compute %.3fs (route %.3f, gather %.3f, gemm "
+               "%.3f, act %.3f, copy %.3f), read wait %.3fs, exchange %.3fs",
+               r->t_load, rd_s, rdw_s, r->t_compute, tb[MOECAL_PHASE_ROUTE],
+               tb[MOECAL_PHASE_GATHER], tb[MOECAL_PHASE_GEMM], tb[MOECAL_PHASE_ACT],
+               tb[MOECAL_PHASE_COPY], wait_s, exch_s);
+}
+
+/* The peer-max fixup (one MPI_Allreduce(MPI_MAX)) and what it did. */
+static moecal_status fixup(calib *r)
+{
+    job *j = &r->j;
+    const moecal_comm *c = j->c;
+    long long counts[2] = {0, 0}, total[2];
+    moecal_status s = moecal_peer_max_fixup(c->world, j->amax_cal, j->L, j->n,
+                                            j->p->all_experts, j->amax_final, &counts[0]);
+
+    if (s != MOECAL_OK)
+        moecal_fatal(s);
+    for (int li = 0; li < j->L; li++)
+        for (int k = 0; k < j->n; k++) {
+            int64_t t = 0;
+            for (int ci = 0; ci < j->C; ci++)
+                t += j->tok[ix_tok(j, li, ci, k)];
+            counts[1] += t == 0;
+        }
+    MOECAL_MPI_CHECK(MPI_Reduce(counts, total, 2, MPI_LONG_LONG, MPI_SUM, 0, c->world));
+    warn_zero_amax(j, r->layer_skipped);
+    if (j->p->all_experts)
+        moecal_log(MOECAL_LOG_INFO, "# all-experts mode: no peer-max sync; %lld experts "
+                   "never saw a token", total[1]);
+    else
+        moecal_log(MOECAL_LOG_INFO, "# peer-max sync: %lld of %lld input quantizers raised to "
+                   "their layer's maximum; %lld experts never routed (uncalibrated, their "
+                   "input amax comes from the sync)", total[0], (long long)j->L * j->E * 3,
+                   total[1]);
+    return MOECAL_OK;
+}
+
+/* Rank 0: the side files under staging names, renamed, then the amax file
+ * from tmp_path, last: a failure anywhere leaves nothing that looks
+ * complete. */
+static moecal_status write_side_files(calib *r, const moecal_amax_tables *t,
+                                      const char *tmp_path)
+{
+    const char *out = r->j.p->output;
+    char fin[N_SIDE][4200], stage[N_SIDE][4300];
+    int renamed = 0;
+    moecal_status s;
+
+    for (int k = 0; k < N_SIDE; k++) {
+        side_path(out, side_suffix[k], fin[k], sizeof fin[k]);
+        side_path(out, side_suffix[k], stage[k], sizeof stage[k] - 4);
+        strcat(stage[k], ".tmp"); /* lengths checked by check_output */
+    }
+    s = moecal_amax_write_summary(stage[0], &r->m, r->j.model, t);
+    if (s == MOECAL_OK)
+        s = moecal_amax_write_table(stage[1], &r->m, r->j.model, t);
+    if (s == MOECAL_OK)
+        s = moecal_amax_write_hf_config(stage[2], &r->m, t);
+    if (s == MOECAL_OK)
+        s = moecal_amax_write_safetensors(stage[3], &r->m, r->j.model, t);
+    for (int k = 0; s == MOECAL_OK && k < N_SIDE; k++) {
+        if (rename(stage[k], fin[k]) != 0)
+            s = moecal_error_errno(errno, "%s: rename from %s failed", fin[k], stage[k]);
+        else
+            renamed++;
+    }
+    if (s == MOECAL_OK && rename(tmp_path, out) != 0)
+        s = moecal_error_errno(errno, "%s: rename from %s failed", out, tmp_path);
+    if (s != MOECAL_OK) {
+        unlink(tmp_path);
+        for (int k = 0; k < N_SIDE; k++) {
+            unlink(stage[k]);
+            if (k < renamed)
+                unlink(fin[k]);
+        }
+    }
+    return s;
+}
+
+/* Output: HDF5 under a temporary name (every rank its slab), the whole
+ * tables on rank 0 for the side files (slabs are disjoint and amax >= 0, so
+ * MAX, and SUM for counts, assembles them), then the renames. */
+static moecal_status write_outputs(calib *r)
+{
+    job *j = &r->j;
+    const moecal_comm *c = j->c;
+    moecal_amax_slab sl = {0};
+    char tmp_path[4200];
+    moecal_status s;
+    const size_t LE = (size_t)j->L * (size_t)j->E, L3 = LE * 3;
+
+    sl.e0 = j->e0;
+    sl.e1 = j->e1;
+    sl.input_amax = j->amax_final;
+    sl.input_amax_calibrated = j->amax_cal;
+    sl.weight_amax = j->weight_amax;
+    sl.history = j->hist;
+    sl.tokens = j->tok;
+    snprintf(tmp_path, sizeof tmp_path, "%s.tmp", j->p->output);
+    s = moecal_amax_write_h5(c->world, tmp_path, &r->m, &sl);
+    moecal_check_all(s);
+
+    float *full = calloc(3 * L3, sizeof *full), *res = NULL;
+    int64_t *tk_full = calloc(LE, sizeof *tk_full), *tk_res = NULL;
+    if (c->rank == 0) {
+        res = calloc(3 * L3, sizeof *res);
+        tk_res = calloc(LE, sizeof *tk_res);
+    }
+    if (!full || !tk_full || (c->rank == 0 && (!res || !tk_res)))
+        moecal_fatal(moecal_error_set(MOECAL_ERR_NOMEM, "out of memory"));
+    for (int li = 0; li < j->L; li++)
+        for (int k = 0; k < j->n; k++) {
+            size_t src = ix_amax(j, li, k), e = ix_full(j, li, j->e0 + k);
+            memcpy(&full[e * 3], &j->amax_final[src], 3 * sizeof(float));
+            memcpy(&full[L3 + e * 3], &j->amax_cal[src], 3 * sizeof(float));
+            memcpy(&full[2 * L3 + e * 3], &j->weight_amax[src], 3 * sizeof(float));
+            for (int ci = 0; ci < j->C; ci++)
+                tk_full[e] += j->tok[ix_tok(j, li, ci, k)];
+        }
+    s = MOECAL_OK;
+    if (MPI_Reduce(full, res, (int)(3 * L3), MPI_FLOAT, MPI_MAX, 0, c->world) != MPI_SUCCESS ||
+        MPI_Reduce(tk_full, tk_res, (int)LE, MPI_INT64_T, MPI_SUM, 0, c->world) != MPI_SUCCESS)
+        s = moecal_error_set(MOECAL_ERR_MPI, "gathering the amax tables on rank 0 failed");
+    if (s == MOECAL_OK && c->rank == 0) {
+        moecal_amax_tables t = {res, res + L3, res + 2 * L3, tk_res};
+        s = write_side_files(r, &t, tmp_path);
+    }
+    free(full);
+    free(res);
+    free(tk_full);
+    free(tk_res);
+    return s;
+}
+
+moecal_status moecal_calibrate_run(const moecal_comm *c, const moecal_calib_params *p)
+{
+    calib r;
+    moecal_status s;
+    bool done;
+    const char *ev_stop = getenv("MOECAL_TEST_STOP_AT_STEP");
+    const char *ev_delay = getenv("MOECAL_TEST_CHUNK_DELAY_MS");
+
+    memset(&r, 0, sizeof r);
+    r.j.c = c;
+    r.j.p = p;
+    r.lock_fd = -1;
+    r.t_start = moecal_now();
+    r.test_stop_at = ev_stop && *ev_stop ? strtol(ev_stop, NULL, 10) : -1;
+    r.test_delay_ms = ev_delay && *ev_delay ? strtol(ev_delay, NULL, 10) : 0;
+    if (p->activations)
+        snprintf(r.act_path, sizeof r.act_path, "%s", p->activations);
+    else
+        snprintf(r.act_path, sizeof r.act_path, "%s/activations.h5", p->model_dir);
+
+    /* One job per output; an existing output is kept unless --force (a
+     * requeued --resume run whose output is complete has nothing to do). */
+    MOECAL_TRY(claim_output(&r, &done));
+    if (done) {
+        unlock_output(p->output, r.lock_fd);
+        return MOECAL_OK;
+    }
+    MOECAL_TRY(open_inputs(&r));
+    alloc_tables(&r);
+    MOECAL_TRY(describe(&r));
+    if (p->resume)
+        MOECAL_TRY(resume(&r));
+    open_compute(&r);
+    s = run_layers(&r);
+    if (s == MOECAL_OK)
+        log_times(&r);
+    close_compute(&r);
+    if (s == MOECAL_OK)
+        s = fixup(&r);
+    if (s == MOECAL_OK) {
+        s = write_outputs(&r);
+        moecal_check_all(s);
+        if (c->rank == 0)
+            remove_checkpoints(p->output);
+        double el = moecal_now() - r.t_start;
+        moecal_log(MOECAL_LOG_INFO, "# wrote %s in %.1fs: %lld tokens x %d layers, compute "
+                   "%.0f tokens/s per rank%s", p->output, el, (long long)r.j.T, r.j.L,
+                   r.t_compute > 0 ? (double)r.j.T * r.j.L / r.t_compute : 0.0,
+                   r.nskipped ? " (non-finite rows skipped)" : "");
+    }
+    calib_free(&r);
+    return s;
 }

@@ -18,36 +18,15 @@
 #include "commands.h"
 #include "error.h"
 #include "options.h"
+#include "report.h"
 #include "runtime.h"
+#include "util.h"
 
 #define OPT_END {NULL, 0, MOECAL_OPT_FLAG, NULL, NULL, NULL, NULL, 0, 0, 0}
 
 static const char *const proj_name[3] = {"w1", "w2", "w3"};
 
 /* ---------------------------------------------------------------- helpers */
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-/* Percentile q (0..1) of ascending x[0..n-1], linear between closest ranks
- * (numpy's default method). */
-static double percentile_sorted(const double *x, size_t n, double q)
-{
-    double pos, frac;
-    size_t lo;
-
-    if (n == 0)
-        return 0.0;
-    pos = q * (double)(n - 1);
-    lo = (size_t)floor(pos);
-    if (lo + 1 >= n)
-        return x[n - 1];
-    frac = pos - (double)lo;
-    return x[lo] + frac * (x[lo + 1] - x[lo]);
-}
 
 /* "62.5%", never rounding a partial share to 0.0% or 100.0%. */
 static void pct_str(long long k, long long n, char *buf, size_t len)
@@ -197,12 +176,12 @@ static void cmp_compute(const moecal_amax_data *da, const float *a, const float 
     if (st->n_ratio > 0) {
         size_t n = (size_t)st->n_ratio;
 
-        qsort(scratch, n, sizeof *scratch, cmp_double);
+        moecal_sort_doubles(scratch, n);
         st->min = scratch[0];
         st->max = scratch[n - 1];
-        st->median = percentile_sorted(scratch, n, 0.50);
-        st->p5 = percentile_sorted(scratch, n, 0.05);
-        st->p95 = percentile_sorted(scratch, n, 0.95);
+        st->median = moecal_percentile_sorted(scratch, n, 0.50);
+        st->p5 = moecal_percentile_sorted(scratch, n, 0.05);
+        st->p95 = moecal_percentile_sorted(scratch, n, 0.95);
     }
 }
 
@@ -531,81 +510,6 @@ static const moecal_optdef report_optdefs[] = {
     OPT_END
 };
 
-typedef struct route_stats {
-    int64_t total;
-    int64_t min, max;
-    double median, mean;
-    int n_never, n_cold;
-    int *never, *cold;     /* expert ids (into one buffer of the caller) */
-} route_stats;
-
-typedef struct conv_stats {
-    long long calibrated;  /* quantizers with a non-zero final amax */
-    long long late;        /* grew at all in the tail */
-    long long late_sig;    /* grew by more than the tolerance in the tail */
-    double settled_median, settled_p95;
-    int settled_max;
-} conv_stats;
-
-typedef struct report_cfg {
-    double cold, tail, tol, warn;
-} report_cfg;
-
-/* Chunk in which each quantizer's running max first reached its final value
- * (-1: never non-zero), and whether it still grew in the tail. */
-static void conv_layer(const moecal_amax_data *d, int l, int tail, double tol, int *settled,
-                       unsigned char *late, unsigned char *late_sig)
-{
-    int C = d->C, E = d->E, pre = C - tail;
-
-    for (int e = 0; e < E; e++)
-        for (int p = 0; p < 3; p++) {
-            float run = 0.0f, before = 0.0f;
-            int at = -1;
-
-            for (int c = 0; c < C; c++) {
-                float h = d->history[(((size_t)l * (size_t)C + (size_t)c) * (size_t)E
-                                      + (size_t)e) * 3 + (size_t)p];
-                if (h > run) {
-                    run = h;
-                    at = c;
-                }
-                if (c + 1 == pre)
-                    before = run;
-            }
-            settled[e * 3 + p] = at;
-            late[e * 3 + p] = pre > 0 && at >= pre;
-            late_sig[e * 3 + p] = pre > 0 && at >= pre &&
-                                  (double)run > (double)before * (1.0 + tol);
-        }
-}
-
-static void conv_summarize(const int *settled, const unsigned char *late,
-                           const unsigned char *late_sig, int E, int p, double *scratch,
-                           conv_stats *cs)
-{
-    size_t n = 0;
-
-    memset(cs, 0, sizeof *cs);
-    cs->settled_max = -1;
-    for (int e = 0; e < E; e++) {
-        int s = settled[e * 3 + p];
-        if (s < 0)
-            continue;
-        scratch[n++] = s;
-        cs->late += late[e * 3 + p];
-        cs->late_sig += late_sig[e * 3 + p];
-        if (s > cs->settled_max)
-            cs->settled_max = s;
-    }
-    cs->calibrated = (long long)n;
-    if (n > 0) {
-        qsort(scratch, n, sizeof *scratch, cmp_double);
-        cs->settled_median = percentile_sorted(scratch, n, 0.5);
-        cs->settled_p95 = percentile_sorted(scratch, n, 0.95);
-    }
-}
-
 static json_t *ids_json(const int *ids, int n, int *ok)
 {
     json_t *a = json_array();
@@ -633,377 +537,296 @@ static void print_ids(const char *what, const int *ids, int n, const int64_t *to
     putchar('\n');
 }
 
-static moecal_status report_run(moecal_opts *o, const report_cfg *rc)
+/* ---------------------------------------------------------------- report: JSON */
+
+static json_t *json_routing(const moecal_report *r, int *ok)
+{
+    json_t *routing = json_array();
+
+    if (!routing)
+        *ok = 0;
+    for (int l = 0; l < r->L && *ok; l++) {
+        const moecal_route_stats *rs = &r->routing[l];
+        json_t *e = json_object(), *t = json_array();
+        if (!e || !t) {
+            json_decref(e);
+            json_decref(t);
+            *ok = 0;
+            break;
+        }
+        for (int x = 0; x < r->E; x++)
+            jappend(t, json_integer(r->tok[(size_t)l * (size_t)r->E + (size_t)x]), ok);
+        jset(e, "layer", json_integer(r->d->layers[l]), ok);
+        jset(e, "total", json_integer(rs->total), ok);
+        jset(e, "min", json_integer(rs->min), ok);
+        jset(e, "median", json_real(rs->median), ok);
+        jset(e, "max", json_integer(rs->max), ok);
+        jset(e, "mean", json_real(rs->mean), ok);
+        jset(e, "never_routed", ids_json(rs->never, rs->n_never, ok), ok);
+        jset(e, "cold", ids_json(rs->cold, rs->n_cold, ok), ok);
+        jset(e, "tokens_per_expert", t, ok);
+        jappend(routing, e, ok);
+    }
+    return routing;
+}
+
+static json_t *json_conv_layer(const moecal_report *r, int l, int *ok)
+{
+    json_t *e = json_object(), *g = json_object();
+
+    if (!e || !g) {
+        json_decref(e);
+        json_decref(g);
+        *ok = 0;
+        return NULL;
+    }
+    jset(e, "layer", json_integer(r->d->layers[l]), ok);
+    for (int p = 0; p < 3 && *ok; p++) {
+        const moecal_conv_stats *c = &r->conv[l * 3 + p];
+        json_t *pj = json_object(), *sa = json_array();
+        if (!pj || !sa) {
+            json_decref(pj);
+            json_decref(sa);
+            *ok = 0;
+            break;
+        }
+        for (int x = 0; x < r->E; x++) {
+            int v = r->settled[((size_t)l * (size_t)r->E + (size_t)x) * 3 + (size_t)p];
+            jappend(sa, v >= 0 ? json_integer(v) : json_null(), ok);
+        }
+        jset(pj, "calibrated", json_integer(c->calibrated), ok);
+        jset(pj, "settled_chunk", sa, ok);
+        jset(pj, "settled_median", c->calibrated ? json_real(c->settled_median) : json_null(),
+             ok);
+        jset(pj, "settled_p95", c->calibrated ? json_real(c->settled_p95) : json_null(), ok);
+        jset(pj, "settled_max", c->calibrated ? json_integer(c->settled_max) : json_null(), ok);
+        jset(pj, "late_growing", r->pre > 0 ? json_integer(c->late) : json_null(), ok);
+        jset(pj, "late_significant", r->pre > 0 ? json_integer(c->late_sig) : json_null(), ok);
+        jset(g, proj_name[p], pj, ok);
+    }
+    jset(e, "projections", g, ok);
+    return e;
+}
+
+static json_t *json_conv(const moecal_report *r, const moecal_report_cfg *rc, int *ok)
+{
+    json_t *conv = json_object(), *layers = json_array();
+    const moecal_conv_stats *t = &r->total;
+    const int pre = r->pre > 0;
+
+    if (!conv || !layers) {
+        json_decref(conv);
+        json_decref(layers);
+        *ok = 0;
+        return NULL;
+    }
+    jset(conv, "chunks", json_integer(r->C), ok);
+    jset(conv, "tail_chunks", json_integer(r->tail), ok);
+    jset(conv, "growth_tolerance", json_real(rc->tol), ok);
+    jset(conv, "warn_share", json_real(rc->warn), ok);
+    jset(conv, "calibrated", json_integer(t->calibrated), ok);
+    jset(conv, "late_growing", pre ? json_integer(t->late) : json_null(), ok);
+    jset(conv, "late_growing_share", pre && t->calibrated > 0 ?
+         json_real((double)t->late / (double)t->calibrated) : json_null(), ok);
+    jset(conv, "late_significant", pre ? json_integer(t->late_sig) : json_null(), ok);
+    jset(conv, "late_significant_share", pre && t->calibrated > 0 ?
+         json_real((double)t->late_sig / (double)t->calibrated) : json_null(), ok);
+    jset(conv, "warning", json_boolean(r->warning[0] != '\0'), ok);
+    for (int l = 0; l < r->L && *ok; l++)
+        jappend(layers, json_conv_layer(r, l, ok), ok);
+    jset(conv, "layers", layers, ok);
+    return conv;
+}
+
+static json_t *json_largest(const moecal_report *r, int *ok)
+{
+    json_t *largest = json_array();
+
+    if (!largest)
+        *ok = 0;
+    for (int l = 0; l < r->L && *ok; l++) {
+        json_t *e = json_object();
+        if (!e) {
+            *ok = 0;
+            break;
+        }
+        jset(e, "layer", json_integer(r->d->layers[l]), ok);
+        for (int p = 0; p < 3; p++) {
+            const moecal_largest *g = &r->largest[l * 3 + p];
+            json_t *pj = json_object();
+            if (!pj) {
+                *ok = 0;
+                break;
+            }
+            jset(pj, "input", json_real(g->input), ok);
+            jset(pj, "input_expert", json_integer(g->input_expert), ok);
+            jset(pj, "weight", json_real(g->weight), ok);
+            jset(pj, "weight_expert", json_integer(g->weight_expert), ok);
+            jset(e, proj_name[p], pj, ok);
+        }
+        jappend(largest, e, ok);
+    }
+    return largest;
+}
+
+static moecal_status report_json(const moecal_report *r, const moecal_report_cfg *rc)
+{
+    const moecal_amax_data *d = r->d;
+    int ok = 1;
+    json_t *root = json_object(), *warns = json_array();
+
+    if (!root || !warns) {
+        json_decref(warns);
+        return print_json(root, 0);
+    }
+    jset(root, "file", json_string(d->path), &ok);
+    jset(root, "model_type", json_string(d->model_type), &ok);
+    jset(root, "mode", json_string(d->mode), &ok);
+    jset(root, "sync", json_string(d->sync), &ok);
+    jset(root, "router_logits", d->router_logits[0] ? json_string(d->router_logits)
+                                                    : json_null(), &ok);
+    jset(root, "quant_format", json_string(d->quant_format), &ok);
+    jset(root, "hidden_size", json_integer(d->hidden_size), &ok);
+    jset(root, "n_routed_experts", json_integer(r->E), &ok);
+    jset(root, "num_experts_per_tok", d->num_experts_per_tok >= 0 ?
+         json_integer(d->num_experts_per_tok) : json_null(), &ok);
+    jset(root, "layers", jlayers(d, &ok), &ok);
+    jset(root, "chunks", json_integer(r->C), &ok);
+    jset(root, "tokens", d->tokens >= 0 ? json_integer(d->tokens) : json_null(), &ok);
+    jset(root, "cold_fraction", json_real(rc->cold), &ok);
+    jset(root, "routing", json_routing(r, &ok), &ok);
+    jset(root, "convergence", json_conv(r, rc, &ok), &ok);
+    jset(root, "largest", json_largest(r, &ok), &ok);
+    if (r->warning[0])
+        jappend(warns, json_string(r->warning), &ok);
+    jset(root, "warnings", warns, &ok);
+    return print_json(root, ok);
+}
+
+/* ---------------------------------------------------------------- report: text */
+
+static void text_routing(const moecal_report *r, const moecal_report_cfg *rc)
+{
+    const moecal_amax_data *d = r->d;
+
+    printf("Routing: tokens per expert, summed over chunks (cold: routed, but fewer than "
+           "%g x the layer mean)\n", rc->cold);
+    printf("  %6s  %12s  %10s  %12s  %10s  %12s  %5s  %5s\n", "layer", "total", "min",
+           "median", "max", "mean", "never", "cold");
+    for (int l = 0; l < r->L; l++) {
+        const moecal_route_stats *rs = &r->routing[l];
+        printf("  %6d  %12lld  %10lld  %12.1f  %10lld  %12.1f  %5d  %5d\n", d->layers[l],
+               (long long)rs->total, (long long)rs->min, rs->median, (long long)rs->max,
+               rs->mean, rs->n_never, rs->n_cold);
+    }
+    for (int l = 0; l < r->L; l++) {
+        const moecal_route_stats *rs = &r->routing[l];
+        if (rs->n_never == 0 && rs->n_cold == 0)
+            continue;
+        printf("  layer %d:\n", d->layers[l]);
+        if (rs->n_never)
+            print_ids("never routed", rs->never, rs->n_never, NULL);
+        if (rs->n_cold)
+            print_ids("cold", rs->cold, rs->n_cold, r->tok + (size_t)l * (size_t)r->E);
+    }
+}
+
+static void text_conv(const moecal_report *r, const moecal_report_cfg *rc)
+{
+    const int C = r->C, tail = r->tail, pre = r->pre;
+    char tolh[32];
+
+    printf("\nConvergence of the input amax over %d chunk%s (settled: the chunk in which the "
+           "running max reached its final value;\n", C, C == 1 ? "" : "s");
+    if (pre > 0)
+        printf("late: still grew in the last %d chunk%s; >%g%%: grew by more than that)\n",
+               tail, tail == 1 ? "" : "s", 100.0 * rc->tol);
+    else
+        printf("a single chunk shows no convergence: rerun with smaller --chunk-tokens)\n");
+    snprintf(tolh, sizeof tolh, ">%g%%", 100.0 * rc->tol);
+    printf("  %6s  %4s  %10s  %14s  %11s  %11s  %8s  %8s\n", "layer", "proj", "calibrated",
+           "settled median", "settled p95", "settled max", "late", tolh);
+    for (int l = 0; l < r->L; l++)
+        for (int p = 0; p < 3; p++) {
+            const moecal_conv_stats *c = &r->conv[l * 3 + p];
+            char late_s[32] = "-", sig_s[32] = "-";
+            if (pre > 0) {
+                snprintf(late_s, sizeof late_s, "%lld", c->late);
+                snprintf(sig_s, sizeof sig_s, "%lld", c->late_sig);
+            }
+            if (c->calibrated)
+                printf("  %6d  %4s  %10lld  %14.1f  %11.1f  %11d  %8s  %8s\n",
+                       r->d->layers[l], proj_name[p], c->calibrated, c->settled_median,
+                       c->settled_p95, c->settled_max, late_s, sig_s);
+            else
+                printf("  %6d  %4s  %10lld  %14s  %11s  %11s  %8s  %8s\n", r->d->layers[l],
+                       proj_name[p], 0LL, "-", "-", "-", late_s, sig_s);
+        }
+    if (pre > 0 && r->total.calibrated > 0) {
+        char a1[16], a2[16];
+        pct_str(r->total.late, r->total.calibrated, a1, sizeof a1);
+        pct_str(r->total.late_sig, r->total.calibrated, a2, sizeof a2);
+        printf("  all: %lld calibrated quantizers, %s still grew in the last %d chunk%s, "
+               "%s by more than %g%%\n", r->total.calibrated, a1, tail, tail == 1 ? "" : "s",
+               a2, 100.0 * rc->tol);
+    }
+}
+
+static moecal_status report_text(const moecal_report *r, const moecal_report_cfg *rc)
+{
+    const moecal_amax_data *d = r->d;
+    char ls[256];
+
+    moecal_amax_layers_str(d->layers, r->L, ls, sizeof ls);
+    printf("# moecal report: %s\n", d->path);
+    printf("# model %s, hidden %lld, %d experts", d->model_type, (long long)d->hidden_size,
+           r->E);
+    if (d->num_experts_per_tok >= 0)
+        printf(", top-%lld", (long long)d->num_experts_per_tok);
+    printf("; mode %s, sync %s%s%s%s%s\n", d->mode, d->sync[0] ? d->sync : "?",
+           d->router_logits[0] ? ", router logits " : "", d->router_logits,
+           d->quant_format[0] ? ", " : "", d->quant_format);
+    printf("# %d MoE layer%s (%s), %d chunk%s", r->L, r->L == 1 ? "" : "s", ls, r->C,
+           r->C == 1 ? "" : "s");
+    if (d->tokens >= 0)
+        printf(", %lld tokens per layer", (long long)d->tokens);
+    printf("\n\n");
+    text_routing(r, rc);
+    text_conv(r, rc);
+    printf("\nLargest amax per layer and projection (input: per expert before any sync; "
+           "expert in parentheses)\n");
+    printf("  %6s  %4s  %14s  %8s  %14s  %8s\n", "layer", "proj", "input", "(expert)",
+           "weight", "(expert)");
+    for (int l = 0; l < r->L; l++)
+        for (int p = 0; p < 3; p++) {
+            const moecal_largest *g = &r->largest[l * 3 + p];
+            char ei[16], ew[16];
+            snprintf(ei, sizeof ei, "(%d)", g->input_expert);
+            snprintf(ew, sizeof ew, "(%d)", g->weight_expert);
+            printf("  %6d  %4s  %14.6g  %8s  %14.6g  %8s\n", d->layers[l], proj_name[p],
+                   (double)g->input, ei, (double)g->weight, ew);
+        }
+    return flush_stdout();
+}
+
+static moecal_status report_run(moecal_opts *o, const moecal_report_cfg *rc)
 {
     moecal_amax_data *d = NULL;
+    moecal_report r;
     moecal_status s;
-    int L, E, C, tail, pre;
-    int64_t *tok = NULL;          /* [L][E] summed over chunks */
-    int *ids = NULL;              /* [L][2][E]: never, cold */
-    route_stats *rs = NULL;       /* [L] */
-    int *settled = NULL;          /* [L][E][3] */
-    unsigned char *late = NULL, *late_sig = NULL;
-    conv_stats *cs = NULL;        /* [L][3] */
-    double *scratch = NULL;
-    conv_stats tot = {0};
-    char warn[512] = "";
-    int json = moecal_opts_flag(o, "json");
 
     s = moecal_amax_data_read(moecal_opts_pos(o, 0),
                               MOECAL_AMAXREAD_TOKENS | MOECAL_AMAXREAD_HISTORY, &d);
-    if (s != MOECAL_OK)
+    if (s == MOECAL_OK)
+        s = moecal_report_compute(d, rc, &r);
+    if (s != MOECAL_OK) {
+        moecal_amax_data_free(d);
         return s;
-    L = d->L;
-    E = d->E;
-    C = d->C;
-    tok = calloc((size_t)L * (size_t)E, sizeof *tok);
-    ids = malloc((size_t)L * 2 * (size_t)E * sizeof *ids);
-    rs = calloc((size_t)L, sizeof *rs);
-    settled = malloc((size_t)L * (size_t)E * 3 * sizeof *settled);
-    late = malloc((size_t)L * (size_t)E * 3);
-    late_sig = malloc((size_t)L * (size_t)E * 3);
-    cs = calloc((size_t)L * 3, sizeof *cs);
-    scratch = malloc((size_t)E * sizeof *scratch);
-    if (!tok || !ids || !rs || !settled || !late || !late_sig || !cs || !scratch) {
-        s = moecal_error_set(MOECAL_ERR_NOMEM, "%s: out of memory for the report", d->path);
-        goto out;
     }
-
-    /* Routing. */
-    for (int l = 0; l < L; l++) {
-        route_stats *r = &rs[l];
-        int64_t *t = tok + (size_t)l * (size_t)E;
-
-        for (int c = 0; c < C; c++)
-            for (int e = 0; e < E; e++) {
-                int64_t v = d->tokens_per_expert[((size_t)l * (size_t)C + (size_t)c) * (size_t)E
-                                                 + (size_t)e];
-                if (__builtin_add_overflow(t[e], v, &t[e])) {
-                    s = moecal_error_set(MOECAL_ERR_FORMAT, "%s: dataset 'tokens_per_expert' "
-                                         "overflows when summed (layer %d, expert %d)", d->path,
-                                         d->layers[l], e);
-                    goto out;
-                }
-            }
-        r->never = ids + (size_t)l * 2 * (size_t)E;
-        r->cold = r->never + E;
-        r->min = r->max = t[0];
-        for (int e = 0; e < E; e++) {
-            if (__builtin_add_overflow(r->total, t[e], &r->total)) {
-                s = moecal_error_set(MOECAL_ERR_FORMAT, "%s: dataset 'tokens_per_expert' "
-                                     "overflows when summed (layer %d)", d->path, d->layers[l]);
-                goto out;
-            }
-            if (t[e] < r->min)
-                r->min = t[e];
-            if (t[e] > r->max)
-                r->max = t[e];
-            scratch[e] = (double)t[e];
-        }
-        qsort(scratch, (size_t)E, sizeof *scratch, cmp_double);
-        r->median = percentile_sorted(scratch, (size_t)E, 0.5);
-        r->mean = (double)r->total / (double)E;
-        for (int e = 0; e < E; e++) {
-            if (t[e] == 0)
-                r->never[r->n_never++] = e;
-            else if ((double)t[e] < rc->cold * r->mean)
-                r->cold[r->n_cold++] = e;
-        }
-    }
-
-    /* Convergence. */
-    tail = (int)ceil(rc->tail * (double)C - 1e-9);
-    if (tail < 1)
-        tail = 1;
-    if (tail > C)
-        tail = C;
-    pre = C - tail;
-    for (int l = 0; l < L; l++) {
-        size_t off = (size_t)l * (size_t)E * 3;
-
-        conv_layer(d, l, tail, rc->tol, settled + off, late + off, late_sig + off);
-        for (int p = 0; p < 3; p++) {
-            conv_stats *c = &cs[l * 3 + p];
-            conv_summarize(settled + off, late + off, late_sig + off, E, p, scratch, c);
-            tot.calibrated += c->calibrated;
-            tot.late += c->late;
-            tot.late_sig += c->late_sig;
-        }
-    }
-    if (pre > 0 && tot.calibrated > 0 &&
-        (double)tot.late_sig > rc->warn * (double)tot.calibrated)
-        snprintf(warn, sizeof warn, "%s: %lld of %lld calibrated input quantizers (%.1f%%) "
-                 "grew by more than %g%% in the last %d of %d chunks: calibration set may be "
-                 "too small", d->path, tot.late_sig, tot.calibrated,
-                 100.0 * (double)tot.late_sig / (double)tot.calibrated, 100.0 * rc->tol, tail, C);
-
-    if (json) {
-        int ok = 1;
-        json_t *root = json_object(), *routing = json_array(), *conv = json_object();
-        json_t *convl = json_array(), *largest = json_array(), *warns = json_array();
-
-        if (!root || !routing || !conv || !convl || !largest || !warns) {
-            ok = 0;
-        } else {
-            jset(root, "file", json_string(d->path), &ok);
-            jset(root, "model_type", json_string(d->model_type), &ok);
-            jset(root, "mode", json_string(d->mode), &ok);
-            jset(root, "sync", json_string(d->sync), &ok);
-            jset(root, "router_logits", d->router_logits[0] ?
-                 json_string(d->router_logits) : json_null(), &ok);
-            jset(root, "quant_format", json_string(d->quant_format), &ok);
-            jset(root, "hidden_size", json_integer(d->hidden_size), &ok);
-            jset(root, "n_routed_experts", json_integer(E), &ok);
-            jset(root, "num_experts_per_tok", d->num_experts_per_tok >= 0 ?
-                 json_integer(d->num_experts_per_tok) : json_null(), &ok);
-            jset(root, "layers", jlayers(d, &ok), &ok);
-            jset(root, "chunks", json_integer(C), &ok);
-            jset(root, "tokens", d->tokens >= 0 ? json_integer(d->tokens) : json_null(), &ok);
-            jset(root, "cold_fraction", json_real(rc->cold), &ok);
-        }
-        for (int l = 0; l < L && ok; l++) {
-            const route_stats *r = &rs[l];
-            json_t *e = json_object(), *t = json_array();
-            if (!e || !t) {
-                json_decref(e);
-                json_decref(t);
-                ok = 0;
-                break;
-            }
-            for (int x = 0; x < E; x++)
-                jappend(t, json_integer(tok[(size_t)l * (size_t)E + (size_t)x]), &ok);
-            jset(e, "layer", json_integer(d->layers[l]), &ok);
-            jset(e, "total", json_integer(r->total), &ok);
-            jset(e, "min", json_integer(r->min), &ok);
-            jset(e, "median", json_real(r->median), &ok);
-            jset(e, "max", json_integer(r->max), &ok);
-            jset(e, "mean", json_real(r->mean), &ok);
-            jset(e, "never_routed", ids_json(r->never, r->n_never, &ok), &ok);
-            jset(e, "cold", ids_json(r->cold, r->n_cold, &ok), &ok);
-            jset(e, "tokens_per_expert", t, &ok);
-            jappend(routing, e, &ok);
-        }
-        if (ok) {
-            jset(root, "routing", routing, &ok);
-            routing = NULL;
-            jset(conv, "chunks", json_integer(C), &ok);
-            jset(conv, "tail_chunks", json_integer(tail), &ok);
-            jset(conv, "growth_tolerance", json_real(rc->tol), &ok);
-            jset(conv, "warn_share", json_real(rc->warn), &ok);
-            jset(conv, "calibrated", json_integer(tot.calibrated), &ok);
-            jset(conv, "late_growing", pre > 0 ? json_integer(tot.late) : json_null(), &ok);
-            jset(conv, "late_growing_share", pre > 0 && tot.calibrated > 0 ?
-                 json_real((double)tot.late / (double)tot.calibrated) : json_null(), &ok);
-            jset(conv, "late_significant", pre > 0 ? json_integer(tot.late_sig) : json_null(),
-                 &ok);
-            jset(conv, "late_significant_share", pre > 0 && tot.calibrated > 0 ?
-                 json_real((double)tot.late_sig / (double)tot.calibrated) : json_null(), &ok);
-            jset(conv, "warning", json_boolean(warn[0] != '\0'), &ok);
-        }
-        for (int l = 0; l < L && ok; l++) {
-            json_t *e = json_object(), *g = json_object();
-            if (!e || !g) {
-                json_decref(e);
-                json_decref(g);
-                ok = 0;
-                break;
-            }
-            jset(e, "layer", json_integer(d->layers[l]), &ok);
-            for (int p = 0; p < 3; p++) {
-                const conv_stats *c = &cs[l * 3 + p];
-                json_t *pj = json_object(), *sa = json_array();
-                if (!pj || !sa) {
-                    json_decref(pj);
-                    json_decref(sa);
-                    ok = 0;
-                    break;
-                }
-                for (int x = 0; x < E; x++) {
-                    int v = settled[((size_t)l * (size_t)E + (size_t)x) * 3 + (size_t)p];
-                    jappend(sa, v >= 0 ? json_integer(v) : json_null(), &ok);
-                }
-                jset(pj, "calibrated", json_integer(c->calibrated), &ok);
-                jset(pj, "settled_chunk", sa, &ok);
-                jset(pj, "settled_median", c->calibrated ? json_real(c->settled_median)
-                                                         : json_null(), &ok);
-                jset(pj, "settled_p95", c->calibrated ? json_real(c->settled_p95)
-                                                      : json_null(), &ok);
-                jset(pj, "settled_max", c->calibrated ? json_integer(c->settled_max)
-                                                      : json_null(), &ok);
-                jset(pj, "late_growing", pre > 0 ? json_integer(c->late) : json_null(), &ok);
-                jset(pj, "late_significant", pre > 0 ? json_integer(c->late_sig) : json_null(),
-                     &ok);
-                jset(g, proj_name[p], pj, &ok);
-            }
-            jset(e, "projections", g, &ok);
-            jappend(convl, e, &ok);
-        }
-        if (ok) {
-            jset(conv, "layers", convl, &ok);
-            convl = NULL;
-            jset(root, "convergence", conv, &ok);
-            conv = NULL;
-        }
-        for (int l = 0; l < L && ok; l++) {
-            json_t *e = json_object();
-            if (!e) {
-                ok = 0;
-                break;
-            }
-            jset(e, "layer", json_integer(d->layers[l]), &ok);
-            for (int p = 0; p < 3; p++) {
-                json_t *pj = json_object();
-                int bi = 0, bw = 0;
-                for (int x = 1; x < E; x++) {
-                    if (d->input_amax_calibrated[moecal_amax_idx(d, l, x, p)] >
-                        d->input_amax_calibrated[moecal_amax_idx(d, l, bi, p)])
-                        bi = x;
-                    if (d->weight_amax[moecal_amax_idx(d, l, x, p)] >
-                        d->weight_amax[moecal_amax_idx(d, l, bw, p)])
-                        bw = x;
-                }
-                if (!pj) {
-                    ok = 0;
-                    break;
-                }
-                jset(pj, "input", json_real(d->input_amax_calibrated[moecal_amax_idx(d, l, bi,
-                                                                                     p)]), &ok);
-                jset(pj, "input_expert", json_integer(bi), &ok);
-                jset(pj, "weight", json_real(d->weight_amax[moecal_amax_idx(d, l, bw, p)]), &ok);
-                jset(pj, "weight_expert", json_integer(bw), &ok);
-                jset(e, proj_name[p], pj, &ok);
-            }
-            jappend(largest, e, &ok);
-        }
-        if (ok) {
-            jset(root, "largest", largest, &ok);
-            largest = NULL;
-            if (warn[0])
-                jappend(warns, json_string(warn), &ok);
-            jset(root, "warnings", warns, &ok);
-            warns = NULL;
-        }
-        json_decref(routing);
-        json_decref(conv);
-        json_decref(convl);
-        json_decref(largest);
-        json_decref(warns);
-        s = print_json(root, ok);
-    } else {
-        char ls[256];
-
-        moecal_amax_layers_str(d->layers, L, ls, sizeof ls);
-        printf("# moecal report: %s\n", d->path);
-        printf("# model %s, hidden %lld, %d experts", d->model_type, (long long)d->hidden_size, E);
-        if (d->num_experts_per_tok >= 0)
-            printf(", top-%lld", (long long)d->num_experts_per_tok);
-        printf("; mode %s, sync %s%s%s%s%s\n", d->mode, d->sync[0] ? d->sync : "?",
-               d->router_logits[0] ? ", router logits " : "", d->router_logits,
-               d->quant_format[0] ? ", " : "", d->quant_format);
-        printf("# %d MoE layer%s (%s), %d chunk%s", L, L == 1 ? "" : "s", ls, C,
-               C == 1 ? "" : "s");
-        if (d->tokens >= 0)
-            printf(", %lld tokens per layer", (long long)d->tokens);
-        printf("\n\n");
-
-        printf("Routing: tokens per expert, summed over chunks (cold: routed, but fewer than "
-               "%g x the layer mean)\n", rc->cold);
-        printf("  %6s  %12s  %10s  %12s  %10s  %12s  %5s  %5s\n", "layer", "total", "min",
-               "median", "max", "mean", "never", "cold");
-        for (int l = 0; l < L; l++) {
-            const route_stats *r = &rs[l];
-            printf("  %6d  %12lld  %10lld  %12.1f  %10lld  %12.1f  %5d  %5d\n", d->layers[l],
-                   (long long)r->total, (long long)r->min, r->median, (long long)r->max,
-                   r->mean, r->n_never, r->n_cold);
-        }
-        for (int l = 0; l < L; l++) {
-            const route_stats *r = &rs[l];
-            if (r->n_never == 0 && r->n_cold == 0)
-                continue;
-            printf("  layer %d:\n", d->layers[l]);
-            if (r->n_never)
-                print_ids("never routed", r->never, r->n_never, NULL);
-            if (r->n_cold)
-                print_ids("cold", r->cold, r->n_cold,
-                          tok + (size_t)l * (size_t)E);
-        }
-
-        printf("\nConvergence of the input amax over %d chunk%s (settled: the chunk in which the "
-               "running max reached its final value;\n", C, C == 1 ? "" : "s");
-        if (pre > 0)
-            printf("late: still grew in the last %d chunk%s; >%g%%: grew by more than that)\n",
-                   tail, tail == 1 ? "" : "s", 100.0 * rc->tol);
-        else
-            printf("a single chunk shows no convergence: rerun with smaller --chunk-tokens)\n");
-        {
-            char tolh[32];
-            snprintf(tolh, sizeof tolh, ">%g%%", 100.0 * rc->tol);
-            printf("  %6s  %4s  %10s  %14s  %11s  %11s  %8s  %8s\n", "layer", "proj",
-                   "calibrated", "settled median", "settled p95", "settled max", "late", tolh);
-        }
-        for (int l = 0; l < L; l++)
-            for (int p = 0; p < 3; p++) {
-                const conv_stats *c = &cs[l * 3 + p];
-                char late_s[32], sig_s[32];
-                if (pre > 0) {
-                    snprintf(late_s, sizeof late_s, "%lld", c->late);
-                    snprintf(sig_s, sizeof sig_s, "%lld", c->late_sig);
-                } else {
-                    snprintf(late_s, sizeof late_s, "-");
-                    snprintf(sig_s, sizeof sig_s, "-");
-                }
-                if (c->calibrated)
-                    printf("  %6d  %4s  %10lld  %14.1f  %11.1f  %11d  %8s  %8s\n", d->layers[l],
-                           proj_name[p], c->calibrated, c->settled_median, c->settled_p95,
-                           c->settled_max, late_s, sig_s);
-                else
-                    printf("  %6d  %4s  %10lld  %14s  %11s  %11s  %8s  %8s\n", d->layers[l],
-                           proj_name[p], 0LL, "-", "-", "-", late_s, sig_s);
-            }
-        if (pre > 0 && tot.calibrated > 0) {
-            char a1[16], a2[16];
-            pct_str(tot.late, tot.calibrated, a1, sizeof a1);
-            pct_str(tot.late_sig, tot.calibrated, a2, sizeof a2);
-            printf("  all: %lld calibrated quantizers, %s still grew in the last %d chunk%s, "
-                   "%s by more than %g%%\n", tot.calibrated, a1, tail, tail == 1 ? "" : "s", a2,
-                   100.0 * rc->tol);
-        }
-
-        printf("\nLargest amax per layer and projection (input: per expert before any sync; "
-               "expert in parentheses)\n");
-        printf("  %6s  %4s  %14s  %8s  %14s  %8s\n", "layer", "proj", "input", "(expert)",
-               "weight", "(expert)");
-        for (int l = 0; l < L; l++)
-            for (int p = 0; p < 3; p++) {
-                int bi = 0, bw = 0;
-                char ei[16], ew[16];
-                for (int x = 1; x < E; x++) {
-                    if (d->input_amax_calibrated[moecal_amax_idx(d, l, x, p)] >
-                        d->input_amax_calibrated[moecal_amax_idx(d, l, bi, p)])
-                        bi = x;
-                    if (d->weight_amax[moecal_amax_idx(d, l, x, p)] >
-                        d->weight_amax[moecal_amax_idx(d, l, bw, p)])
-                        bw = x;
-                }
-                snprintf(ei, sizeof ei, "(%d)", bi);
-                snprintf(ew, sizeof ew, "(%d)", bw);
-                printf("  %6d  %4s  %14.6g  %8s  %14.6g  %8s\n", d->layers[l], proj_name[p],
-                       (double)d->input_amax_calibrated[moecal_amax_idx(d, l, bi, p)], ei,
-                       (double)d->weight_amax[moecal_amax_idx(d, l, bw, p)], ew);
-            }
-        s = flush_stdout();
-    }
-    if (warn[0])
-        moecal_warn("%s", warn);
-out:
-    free(tok);
-    free(ids);
-    free(rs);
-    free(settled);
-    free(late);
-    free(late_sig);
-    free(cs);
-    free(scratch);
+    s = moecal_opts_flag(o, "json") ? report_json(&r, rc) : report_text(&r, rc);
+    if (r.warning[0])
+        moecal_warn("%s", r.warning);
+    moecal_report_free(&r);
     moecal_amax_data_free(d);
     return s;
 }
@@ -1012,7 +835,7 @@ int moecal_cmd_report(int argc, char **argv)
 {
     moecal_opts *o = NULL;
     moecal_status s = MOECAL_OK;
-    report_cfg rc;
+    moecal_report_cfg rc;
 
     if (parse_opts("report", report_optdefs, "OUT.h5", report_summary, 1, argc, argv, &o))
         return 0;

@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "error.h"
@@ -12,11 +13,38 @@
 static _Thread_local char err_msg[MSG_MAX];
 static _Thread_local moecal_status err_code = MOECAL_OK;
 static int peer_exit_code = 1;
+#ifdef MOECAL_DEBUG
+static _Thread_local const char *where_file; /* the next message's call site */
+static _Thread_local int where_line;
+
+void moecal_error_where(const char *file, int line)
+{
+    where_file = file;
+    where_line = line;
+}
+
+_Noreturn void moecal_assert_fail(const char *cond, const char *file, int line)
+{
+    fprintf(stderr, "moecal: internal error: assertion '%s' failed at %s:%d\n", cond, file,
+            line);
+    fflush(stderr);
+    abort();
+}
+#endif
 
 /* Keep a message whole when it fits; else its start and its end, where the
  * reason is (paths near PATH_MAX must not cut it off). */
-static void store(const char *full)
+static void store(const char *msg)
 {
+    const char *full = msg;
+#ifdef MOECAL_DEBUG
+    char located[4 * MSG_MAX + 8192 + 300];
+    if (where_file) {
+        snprintf(located, sizeof located, "%s [%s:%d]", msg, where_file, where_line);
+        full = located;
+        where_file = NULL;
+    }
+#endif
     size_t n = strlen(full);
     const char *gap = " [...] ";
 
@@ -39,7 +67,8 @@ moecal_status moecal_error_vset(moecal_status code, const char *fmt, va_list ap)
     return code;
 }
 
-moecal_status moecal_error_set(moecal_status code, const char *fmt, ...)
+/* Names in parentheses: not the --enable-debug macros of error.h. */
+moecal_status (moecal_error_set)(moecal_status code, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -48,7 +77,7 @@ moecal_status moecal_error_set(moecal_status code, const char *fmt, ...)
     return code;
 }
 
-moecal_status moecal_error_errno(int errnum, const char *fmt, ...)
+moecal_status (moecal_error_errno)(int errnum, const char *fmt, ...)
 {
     va_list ap;
     size_t n;

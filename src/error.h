@@ -4,7 +4,7 @@
  * message with moecal_error_set().  The message says what was wrong and where
  * (file, tensor, option, line); it never says which rank: the top level adds
  * "moecal: error: rank R (host): " when it reports the error and brings the
- * whole job down (moecal_fatal in main.c).
+ * whole job down (moecal_fatal and moecal_check_all in runtime.c).
  *
  * The message buffer is thread-local, so OpenMP workers may set errors.
  */
@@ -52,6 +52,21 @@ void moecal_error_prefix(const char *fmt, ...) __attribute__((format(printf, 1, 
 const char *moecal_error_message(void);
 moecal_status moecal_error_code(void);
 void moecal_error_clear(void);
+
+#ifdef MOECAL_DEBUG
+/* --enable-debug: every message recorded through moecal_error_set or
+ * moecal_error_errno ends with " [file:line]" of the call, and
+ * MOECAL_ASSERT checks internal invariants (a failure aborts the rank with
+ * the condition and its place). */
+void moecal_error_where(const char *file, int line);
+_Noreturn void moecal_assert_fail(const char *cond, const char *file, int line);
+#define moecal_error_set(...) (moecal_error_where(__FILE__, __LINE__), moecal_error_set(__VA_ARGS__))
+#define moecal_error_errno(...) \
+    (moecal_error_where(__FILE__, __LINE__), moecal_error_errno(__VA_ARGS__))
+#define MOECAL_ASSERT(cond) ((cond) ? (void)0 : moecal_assert_fail(#cond, __FILE__, __LINE__))
+#else
+#define MOECAL_ASSERT(cond) ((void)0)
+#endif
 
 /* Short name of a status ("format error"). */
 const char *moecal_status_name(moecal_status s);

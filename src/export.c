@@ -517,6 +517,10 @@ static moecal_status write_nvfp4(job *j, worker *wk, moecal_st_writer *w, const 
     const uint8_t *packed = NULL, *scales = NULL;
     float s2, is;
 
+    /* the plan: weight, weight_scale, weight_scale_2, input_scale in a row */
+    MOECAL_ASSERT(k + 3 < pl->n && pl->t[k + 1].kind == OUT_WS && pl->t[k + 2].kind == OUT_WS2 &&
+                  pl->t[k + 3].kind == OUT_IS && K % MOECAL_NVFP4_BLOCK == 0);
+
     MOECAL_TRY(expert_scales(j, o, &s2, &is));
 #ifdef HAVE_CUDA
     if (wk->pl->device >= 0)

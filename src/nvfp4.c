@@ -4,6 +4,7 @@
 
 #include <string.h>
 
+#include "error.h"
 #include "fp8.h"
 #include "nvfp4.h"
 
@@ -32,6 +33,7 @@ uint8_t moecal_nvfp4_block_scale(float bamax, float s2)
 void moecal_nvfp4_quantize_row_bf16(const uint16_t *w, size_t K, float s2, uint8_t *packed,
                                     uint8_t *scales)
 {
+    MOECAL_ASSERT(K % MOECAL_NVFP4_BLOCK == 0);
     for (size_t b = 0; b < K / MOECAL_NVFP4_BLOCK; b++) {
         float x[MOECAL_NVFP4_BLOCK];
         for (int i = 0; i < MOECAL_NVFP4_BLOCK; i++)

@@ -1,7 +1,7 @@
 /* tokens.h - calibration tokens, once per node, streamed chunk by chunk.
  *
- * Every chunk lives once per node in an MPI_Win_allocate_shared window of two
- * slots.  The node leaders each read a disjoint part of the chunk from the
+ * Every chunk lives once per node in an MPI_Win_allocate_shared window of
+ * nslots (2 or 3) slots.  The node leaders each read a disjoint part of the chunk from the
  * activation file (in an I/O thread, so reading chunk s+1 overlaps computing
  * chunk s), scan it for non-finite rows, and exchange the parts with
  * MPI_Allgatherv on the leader communicator; the ranks of a node then read the

@@ -3,6 +3,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
+#include <stdlib.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -100,4 +102,27 @@ moecal_status moecal_open_regular(const char *path, const char *role, int *fd)
     (void)fcntl(f, F_SETFL, fcntl(f, F_GETFL) & ~O_NONBLOCK);
     *fd = f;
     return MOECAL_OK;
+}
+
+double moecal_percentile_sorted(const double *x, size_t n, double q)
+{
+    if (n == 0)
+        return 0.0;
+    double pos = q * (double)(n - 1);
+    size_t lo = (size_t)floor(pos);
+    if (lo + 1 >= n)
+        return x[n - 1];
+    double frac = pos - (double)lo;
+    return x[lo] + frac * (x[lo + 1] - x[lo]);
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+void moecal_sort_doubles(double *x, size_t n)
+{
+    qsort(x, n, sizeof *x, cmp_double);
 }

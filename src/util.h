@@ -29,4 +29,10 @@ uint64_t moecal_fnv1a(uint64_t h, const void *data, size_t n);
  * for UINT64_MAX), read without blocking on a special file. */
 moecal_status moecal_fnv1a_file(uint64_t *h, const char *path, uint64_t limit);
 
+/* Percentile q (0..1) of ascending x[0..n-1], linear between closest ranks
+ * (numpy's default method); 0 for n == 0. */
+double moecal_percentile_sorted(const double *x, size_t n, double q);
+/* Sort x[0..n-1] ascending (qsort with a total order on non-NaN values). */
+void moecal_sort_doubles(double *x, size_t n);
+
 #endif
