@@ -9,8 +9,8 @@
 # to the copy, and the peak host and GPU memory per rank from export's log.
 #   bench/run-export-bench.sh BINDIR WORKDIR [OUTDIR] [THREADS] [RANKS]
 # BINDIR holds moecal (built --with-cuda), mpiexec and pcopy (cc -O2
-# bench/pcopy.c -lpthread); /work/shared/tools/gpu-bundle copies them with
-# their libraries.  SYNTH_ARGS replaces the model's sizes; BACKENDS the
+# bench/pcopy.c -lpthread), with the shared libraries they need when the GPU
+# machine lacks them.  SYNTH_ARGS replaces the model's sizes; BACKENDS the
 # backends exported with (default "cuda cpu").
 set -u
 usage="usage: run-export-bench.sh BINDIR WORKDIR [OUTDIR] [THREADS] [RANKS]"

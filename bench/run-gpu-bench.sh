@@ -4,8 +4,8 @@
 # synccheck) on small cases, then the benchmark.  Logs go to OUTDIR; a short
 # table is printed last.
 #   bench/run-gpu-bench.sh BINDIR [OUTDIR] [bench options...]
-# BINDIR holds test_backend_cuda and bench_cuda (built on the build machine;
-# /work/shared/tools/gpu-bundle copies them with their libraries).
+# BINDIR holds test_backend_cuda and bench_cuda (built on the build machine,
+# copied with the shared libraries they need when the GPU machine lacks them).
 set -u
 bin=$(cd "${1:?usage: run-gpu-bench.sh BINDIR [OUTDIR] [bench options]}" && pwd)
 out=${2:-${OUT:-.}}

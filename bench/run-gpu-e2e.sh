@@ -7,8 +7,8 @@
 # there.  Logs go to OUTDIR; each run's timing lines are printed after it.
 # Exits non-zero if a run or a comparison fails.
 #   bench/run-gpu-e2e.sh BINDIR WORKDIR [OUTDIR] [RANKS] [CHUNK...]
-# BINDIR holds moecal (built --with-cuda; /work/shared/tools/gpu-bundle copies
-# it with its libraries, mpiexec included).  RANKS (default 1) ranks share the
+# BINDIR holds moecal (built --with-cuda) and mpiexec, with the shared
+# libraries they need when the GPU machine lacks them.  RANKS (default 1) ranks share the
 # node's GPUs; CHUNK defaults to 131072 32768.  SYNTH_ARGS and BACKEND
 # replace the model's sizes and the backend (a small dry run on a CPU:
 # SYNTH_ARGS="--preset demo" BACKEND=cpu).  ROUTER_LOGITS="fp32 bf16 exact"

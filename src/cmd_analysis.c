@@ -109,21 +109,6 @@ static int parse_opts(const char *cmd, const moecal_optdef *defs, const char *po
     return *o == NULL;
 }
 
-/* A float option within [lo, hi]; same result on every rank. */
-static double float_opt(moecal_opts *o, const char *cmd, const char *name, double lo, double hi)
-{
-    double v = moecal_opts_float(o, name);
-
-    if (!(v >= lo && v <= hi)) {
-        moecal_error_set(MOECAL_ERR_USAGE, "option '--%s' of 'moecal %s' must be between %g "
-                         "and %g (got %g, from %s)", name, cmd, lo, hi, v,
-                         moecal_opts_source(o, name));
-        moecal_opts_free(o);
-        moecal_fatal_all(MOECAL_ERR_USAGE);
-    }
-    return v;
-}
-
 /* ================================================================ compare */
 
 static const char compare_summary[] =
@@ -499,14 +484,15 @@ static const moecal_optdef report_optdefs[] = {
     {"json", 0, MOECAL_OPT_FLAG, "0", NULL, NULL, "print the report as JSON", 0, 0, 0},
     {"cold-fraction", 0, MOECAL_OPT_FLOAT, "0.1", NULL, "F",
      "an expert is cold when routed fewer than F x the layer's mean tokens per expert",
-     0, 0, 0},
+     0, 0.0, 1.0},
     {"tail-fraction", 0, MOECAL_OPT_FLOAT, "0.1", NULL, "F",
-     "the last F of the chunks (at least one) are the tail checked for late growth", 0, 0, 0},
+     "the last F of the chunks (at least one) are the tail checked for late growth", 0,
+     1e-9, 1.0},
     {"growth-tolerance", 0, MOECAL_OPT_FLOAT, "0.05", NULL, "R",
-     "growth in the tail counts as significant above this relative amount", 0, 0, 0},
+     "growth in the tail counts as significant above this relative amount", 0, 0.0, 1e9},
     {"warn-share", 0, MOECAL_OPT_FLOAT, "0.05", NULL, "F",
      "warn when more than this share of calibrated quantizers grew significantly in the tail",
-     0, 0, 0},
+     0, 0.0, 1.0},
     OPT_END
 };
 
@@ -839,10 +825,11 @@ int moecal_cmd_report(int argc, char **argv)
 
     if (parse_opts("report", report_optdefs, "OUT.h5", report_summary, 1, argc, argv, &o))
         return 0;
-    rc.cold = float_opt(o, "report", "cold-fraction", 0.0, 1.0);
-    rc.tail = float_opt(o, "report", "tail-fraction", 1e-9, 1.0);
-    rc.tol = float_opt(o, "report", "growth-tolerance", 0.0, 1e9);
-    rc.warn = float_opt(o, "report", "warn-share", 0.0, 1.0);
+    /* ranges checked by the option table */
+    rc.cold = moecal_opts_float(o, "cold-fraction");
+    rc.tail = moecal_opts_float(o, "tail-fraction");
+    rc.tol = moecal_opts_float(o, "growth-tolerance");
+    rc.warn = moecal_opts_float(o, "warn-share");
     if (moecal_world_rank() == 0)
         s = report_run(o, &rc);
     moecal_opts_free(o);

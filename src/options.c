@@ -129,6 +129,7 @@ static bool choice_ok(const char *choices, const char *v)
 static moecal_status validate(const moecal_optdef *d, const char *v, const char *where)
 {
     long long i;
+    double x;
     bool b;
     char *end;
 
@@ -144,18 +145,22 @@ static moecal_status validate(const moecal_optdef *d, const char *v, const char 
             return moecal_error_set(MOECAL_ERR_USAGE,
                                     "%s: option '%s' takes an integer (k/M/G suffixes "
                                     "allowed), not '%s'", where, d->name, v);
-        if (d->min < d->max && (i < d->min || i > d->max))
+        if (d->min < d->max && ((double)i < d->min || (double)i > d->max))
             return moecal_error_set(MOECAL_ERR_USAGE,
-                                    "%s: option '%s' is %lld but must be between %lld "
-                                    "and %lld", where, d->name, i, d->min, d->max);
+                                    "%s: option '%s' is %lld but must be between %.0f "
+                                    "and %.0f", where, d->name, i, d->min, d->max);
         break;
     case MOECAL_OPT_FLOAT:
         errno = 0;
-        (void)strtod(v, &end);
-        if (end == v || *end != '\0' || errno)
+        x = strtod(v, &end);
+        if (end == v || *end != '\0' || errno || x != x)
             return moecal_error_set(MOECAL_ERR_USAGE,
                                     "%s: option '%s' takes a number, not '%s'", where,
                                     d->name, v);
+        if (d->min < d->max && (x < d->min || x > d->max))
+            return moecal_error_set(MOECAL_ERR_USAGE,
+                                    "%s: option '%s' is %g but must be between %g and %g",
+                                    where, d->name, x, d->min, d->max);
         break;
     case MOECAL_OPT_CHOICE:
         if (!choice_ok(d->choices, v))

@@ -42,7 +42,8 @@ typedef struct moecal_optdef {
     const char *metavar;   /* "N", "DIR" */
     const char *help;
     unsigned flags;
-    long long min, max;    /* MOECAL_OPT_INT range when min < max */
+    double min, max;       /* MOECAL_OPT_INT and MOECAL_OPT_FLOAT: the allowed range,
+                            * when min < max (integers are exact up to 2^53) */
 } moecal_optdef;
 
 typedef struct moecal_opts moecal_opts;

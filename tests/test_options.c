@@ -16,7 +16,7 @@ static const moecal_optdef defs[] = {
     {"chunk-tokens", 'c', MOECAL_OPT_INT, "4096", NULL, "N", "tokens", 0, 1, 1 << 20},
     {"backend", 'b', MOECAL_OPT_CHOICE, "auto", "cpu|cuda|auto", NULL, "backend", 0, 0, 0},
     {"force", 'f', MOECAL_OPT_FLAG, "0", NULL, NULL, "force", 0, 0, 0},
-    {"scale", 0, MOECAL_OPT_FLOAT, "1.5", NULL, NULL, "scale", 0, 0, 0},
+    {"scale", 0, MOECAL_OPT_FLOAT, "1.5", NULL, NULL, "scale", 0, 0.25, 2.0},
     {"model", 'm', MOECAL_OPT_STRING, NULL, NULL, "DIR", "model", 0, 0, 0},
     {"secret", 0, MOECAL_OPT_STRING, NULL, NULL, NULL, "cli only", MOECAL_OPTF_NOENV | MOECAL_OPTF_NOCONF, 0, 0},
     {NULL, 0, 0, NULL, NULL, NULL, NULL, 0, 0, 0}
@@ -70,6 +70,9 @@ static void test_bad_values(void **state)
     char *a4[] = {"calibrate", "--scale", "x1", NULL};
     char *a5[] = {"calibrate", "--nope", NULL};
     char *a6[] = {"calibrate", "--chunk-tokens", "99999999999999999999", NULL};
+    char *a7[] = {"calibrate", "--scale", "2.5", NULL};
+    char *a8[] = {"calibrate", "--scale", "nan", NULL};
+    char *a9[] = {"calibrate", "--scale", "0.25", NULL};
     moecal_opts *o;
     (void)state;
     assert_int_equal(parse(3, a1, &o), MOECAL_ERR_USAGE);
@@ -81,6 +84,13 @@ static void test_bad_values(void **state)
     assert_int_equal(parse(2, a5, &o), MOECAL_ERR_USAGE);
     assert_non_null(strstr(moecal_error_message(), "'--nope'"));
     assert_int_equal(parse(3, a6, &o), MOECAL_ERR_USAGE);
+    /* a float range in the table: out of it, NaN refused; the bounds allowed */
+    assert_int_equal(parse(3, a7, &o), MOECAL_ERR_USAGE);
+    assert_non_null(strstr(moecal_error_message(), "'scale' is 2.5 but must be between 0.25 and 2"));
+    assert_int_equal(parse(3, a8, &o), MOECAL_ERR_USAGE);
+    assert_int_equal(parse(3, a9, &o), MOECAL_OK);
+    assert_true(moecal_opts_float(o, "scale") == 0.25);
+    moecal_opts_free(o);
 }
 
 static void test_precedence(void **state)
