@@ -52,13 +52,16 @@
  * an FP64 GEMM of [n x H] x [H x E] (0.8% of the expert GEMM's FLOPs for
  * DeepSeek-V3, at a twenty-third of the bf16 rate: bench/NOTES-cuda.md).
  *
- * Tuning knobs, for benchmarks (read once by create): MOECAL_CUDA_STEP
- * (tokens per step), MOECAL_CUDA_PIECE (tokens per copy/route piece),
- * MOECAL_CUDA_STREAMS (GEMM streams, 1 to 8), MOECAL_CUDA_PRIO (stream
- * priorities: 0 none, 1 GEMMs high, 2 routing high), MOECAL_CUDA_ROUTER
- * (dgemm, the default: route_math.h's block sums from a cuBLAS DGEMM with an
- * error bound, the logits the bound cannot settle recomputed exactly; or
- * exact: the FP64 kernel alone; same bits either way, see kernels.cuh).
+ * Tuning knobs (read once by create; backend_cuda_ops.c declares them as
+ * calibrate options, so --cuda-step, MOECAL_CUDA_STEP or a conf key set
+ * them; without the command's options, as in the tests and the benchmark,
+ * the MOECAL_CUDA_* variables are read directly): cuda-step (tokens per
+ * step), cuda-piece (tokens per copy/route piece), cuda-streams (GEMM
+ * streams, 1 to 8), cuda-prio (stream priorities: 0 none, 1 GEMMs high, 2
+ * routing high), cuda-router (dgemm, the default: route_math.h's block sums
+ * from a cuBLAS DGEMM with an error bound, the logits the bound cannot settle
+ * recomputed exactly; or exact: the FP64 kernel alone; same bits either way,
+ * see kernels.cuh).
  *
  * Memory: create computes what the shard needs (weights plus the step's
  * buffers) and refuses with MOECAL_ERR_NOMEM, giving the sizes, when that
@@ -91,6 +94,7 @@
 #include "router.h"
 
 #include "backend_cuda.h"
+#include "options.h"
 #include "kernels.cuh"
 
 using namespace moecal_cuda;
@@ -623,6 +627,18 @@ long env_long(const char *name, long def, long lo, long hi)
     return r;
 }
 
+/* A knob: the command's option (0 meaning def where auto0), else the
+ * environment variable, else def. */
+long knob(const moecal_backend_config *cfg, const char *opt, const char *env, long def, long lo,
+          long hi, bool auto0)
+{
+    if (cfg->opts) {
+        long long v = moecal_opts_int(cfg->opts, opt);
+        return auto0 && v == 0 ? def : (long)v;
+    }
+    return env_long(env, def, lo, hi);
+}
+
 template <typename T> moecal_status dalloc(moecal_backend *b, T **p, size_t bytes)
 {
     CUDA_CHECK(b->where, cudaMalloc((void **)p, bytes ? bytes : 16));
@@ -779,12 +795,13 @@ moecal_status cuda_create(const moecal_backend_config *cfg, moecal_backend **out
     b->all_experts = cfg->all_experts;
     b->prec = cfg->router_logits;
     b->layer = -1;
-    b->nstreams = (int)env_long("MOECAL_CUDA_STREAMS", 4, 1, MAX_STREAMS);
-    b->prio = (int)env_long("MOECAL_CUDA_PRIO", 0, 0, 2);
+    b->nstreams = (int)knob(cfg, "cuda-streams", "MOECAL_CUDA_STREAMS", 4, 1, MAX_STREAMS, false);
+    b->prio = (int)knob(cfg, "cuda-prio", "MOECAL_CUDA_PRIO", 0, 0, 2, false);
     {
         /* dgemm (default): block sums by DGEMM + exactness check; exact: the
          * FP64 kernel (bench/NOTES-cuda.md, v4) */
-        const char *r = getenv("MOECAL_CUDA_ROUTER");
+        const char *r = cfg->opts ? moecal_opts_str(cfg->opts, "cuda-router")
+                                  : getenv("MOECAL_CUDA_ROUTER");
         b->dgemm_router = !b->all_experts && !(r && strcmp(r, "exact") == 0) &&
                           b->prec != MOECAL_LOGITS_EXACT;
     }
@@ -901,9 +918,9 @@ moecal_status cuda_create(const moecal_backend_config *cfg, moecal_backend **out
         bool limited = cfg->gpu_mem_limit > 0;
         size_t avail = limited ? (size_t)std::min<uint64_t>(cfg->gpu_mem_limit, freeb) : freeb;
         int64_t def = b->all_experts ? STEP_ALL : STEP_TOPK;
-        def = env_long("MOECAL_CUDA_STEP", (long)def, 1, INT32_MAX);
+        def = knob(cfg, "cuda-step", "MOECAL_CUDA_STEP", (long)def, 1, INT32_MAX, true);
         int64_t step = std::min(b->max_tok, def);
-        b->piece = env_long("MOECAL_CUDA_PIECE", (long)PIECE, 1, INT32_MAX);
+        b->piece = knob(cfg, "cuda-piece", "MOECAL_CUDA_PIECE", (long)PIECE, 1, INT32_MAX, true);
         /* int32 positions in the token lists */
         while (!b->all_experts && step * (int64_t)b->k > INT32_MAX / 2)
             step /= 2;

@@ -305,6 +305,10 @@ moecal_status moecal_amax_write_h5(MPI_Comm comm, const char *path, const moecal
     attr_int(&w, w.file, "n_ranks", m->n_ranks);
     attr_int(&w, w.file, "n_nodes", m->n_nodes);
     attr_str(&w, w.file, "placement", m->placement_json);
+    if (m->backend) {
+        attr_str(&w, w.file, "backend", m->backend);
+        attr_str(&w, w.file, "backend_settings", m->backend_settings ? m->backend_settings : "");
+    }
     attr_int(&w, w.file, "tokens", m->tokens);
     attr_int(&w, w.file, "chunk_tokens", m->chunk_tokens);
     attr_int(&w, w.file, "hidden_size", cfg->hidden_size);

@@ -23,6 +23,8 @@ typedef struct moecal_amax_meta {
     moecal_qfmt qfmt;
     const char *model_path, *activations_path;
     const char *placement_json;  /* identical on every rank */
+    const char *backend;         /* "cpu", "cuda"; NULL: not recorded */
+    const char *backend_settings; /* "cuda-step=0 ..." (moecal_backend_settings) */
     int n_ranks, n_nodes;
     int64_t tokens;              /* tokens per layer used */
     int64_t chunk_tokens;

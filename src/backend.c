@@ -7,9 +7,12 @@
 #include "config.h"
 
 #include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "backend.h"
+#include "options.h"
 
 static const moecal_backend_ops *const registry[] = {
 #ifdef HAVE_CUDA
@@ -43,4 +46,53 @@ const moecal_backend_ops *moecal_backend_auto(void)
         return &moecal_backend_cuda;
 #endif
     return usable(&moecal_backend_cpu) ? &moecal_backend_cpu : NULL;
+}
+
+static size_t count(const moecal_optdef *d)
+{
+    size_t n = 0;
+    while (d && d[n].name)
+        n++;
+    return n;
+}
+
+moecal_optdef *moecal_backend_add_options(const moecal_optdef *defs)
+{
+    size_t n = count(defs), k = n;
+    const size_t nreg = sizeof registry / sizeof registry[0];
+    moecal_optdef *all;
+
+    for (size_t i = 0; i < nreg; i++)
+        n += count(registry[i]->options);
+    if (!(all = malloc((n + 1) * sizeof *all)))
+        return NULL;
+    memcpy(all, defs, k * sizeof *all);
+    for (size_t i = 0; i < nreg; i++) {
+        size_t m = count(registry[i]->options);
+        memcpy(all + k, registry[i]->options, m * sizeof *all);
+        k += m;
+    }
+    all[k] = (moecal_optdef)MOECAL_OPT_END;
+    return all;
+}
+
+char *moecal_backend_settings(const moecal_backend_ops *ops, const moecal_opts *o)
+{
+    size_t len = 1, used = 0;
+    const moecal_optdef *d = ops->options;
+    char *out;
+
+    for (size_t i = 0; o && d && d[i].name; i++) {
+        const char *v = moecal_opts_str(o, d[i].name);
+        len += strlen(d[i].name) + (v ? strlen(v) : 5) + 2;
+    }
+    if (!(out = malloc(len)))
+        return NULL;
+    out[0] = '\0';
+    for (size_t i = 0; o && d && d[i].name; i++) {
+        const char *v = moecal_opts_str(o, d[i].name);
+        used += (size_t)snprintf(out + used, len - used, "%s%s=%s", used ? " " : "", d[i].name,
+                                 v ? v : "unset");
+    }
+    return out;
 }

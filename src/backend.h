@@ -44,6 +44,8 @@ extern "C" {
 #endif
 
 typedef struct moecal_backend moecal_backend; /* backend-private state */
+struct moecal_optdef;
+struct moecal_opts;
 
 typedef struct moecal_backend_config {
     const moecal_model_config *model;
@@ -55,6 +57,9 @@ typedef struct moecal_backend_config {
     uint64_t gpu_mem_limit;  /* bytes, 0 = no limit */
     int threads;             /* CPU threads, 0 = default */
     int rank;                /* for messages */
+    /* The command's options, the backend's own (ops->options) among them;
+     * NULL (tests, benchmarks): the backend's defaults. */
+    const struct moecal_opts *opts;
 } moecal_backend_config;
 
 typedef struct moecal_layer_weights {
@@ -110,12 +115,24 @@ typedef struct moecal_backend_ops {
     moecal_status (*pin_host)(moecal_backend *b, void *p, size_t bytes);
     void (*unpin_host)(moecal_backend *b, void *p);
     bool fp8_weights;            /* load_layer accepts the FP8 form */
+    /* The backend's own settings (tuning knobs that never change a result),
+     * ended by MOECAL_OPT_END, or NULL.  Their names start with the
+     * backend's ("cuda-step"); calibrate adds them to its options, so they
+     * come from the command line, MOECAL_* variables or the conf file, show
+     * in --help and --print-config, and are recorded in the amax file. */
+    const struct moecal_optdef *options;
 } moecal_backend_ops;
 
 /* Registry. */
 const moecal_backend_ops *moecal_backend_find(const char *name);  /* "cpu", "cuda" */
 /* "auto": cuda when compiled in and a GPU is present, else cpu. */
 const moecal_backend_ops *moecal_backend_auto(void);
+/* defs (ended by MOECAL_OPT_END) followed by every registered backend's
+ * options, in one malloc'd table (NULL: out of memory). */
+struct moecal_optdef *moecal_backend_add_options(const struct moecal_optdef *defs);
+/* "name=value name=value" of ops' options as resolved in o (malloc'd; ""
+ * for a backend without options or no o; NULL: out of memory). */
+char *moecal_backend_settings(const moecal_backend_ops *ops, const struct moecal_opts *o);
 
 extern const moecal_backend_ops moecal_backend_cpu;
 #ifdef HAVE_CUDA

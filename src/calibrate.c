@@ -680,6 +680,7 @@ typedef struct calib {
     char act_path[4096], created[64], fingerprint[17];
     int64_t *cstart, *ccount;    /* chunk rows */
     int64_t *layer_skipped;      /* non-finite rows skipped per layer */
+    char *backend_settings;      /* the backend's own options, for the amax file */
     int64_t first_step, nsteps, nskipped;
     uint64_t hash;
     int lock_fd;
@@ -712,6 +713,7 @@ static void calib_free(calib *r)
     free(r->cstart);
     free(r->ccount);
     free(r->layer_skipped);
+    free(r->backend_settings);
     job_free(&r->j);
     unlock_output(r->j.p->output, r->lock_fd);
 }
@@ -935,6 +937,11 @@ static void open_compute(calib *r)
     bc.gpu_mem_limit = p->gpu_mem_limit;
     bc.threads = p->threads;
     bc.rank = c->rank;
+    bc.opts = p->opts;
+    if (!(r->backend_settings = moecal_backend_settings(r->ops, p->opts)))
+        moecal_fatal(moecal_error_set(MOECAL_ERR_NOMEM, "out of memory"));
+    r->m.backend = r->ops->name;
+    r->m.backend_settings = r->backend_settings;
     s = r->ops->create(&bc, &r->be);
     moecal_check_all(s);
     moecal_log(MOECAL_LOG_INFO, "# backend %s, %d MoE layers x %d experts (%d-%d per rank), "

@@ -30,6 +30,7 @@ typedef struct moecal_calib_params {
     const char *placement_json;
     int64_t checkpoint_every; /* chunks between checkpoints, 0 = only on a signal */
     bool resume;              /* continue from the newest valid checkpoint */
+    const struct moecal_opts *opts; /* the parsed options (the backend's settings) */
 } moecal_calib_params;
 
 /* The peer-max fixup (DESIGN.md §2), collective over comm.  cal is this

@@ -4,8 +4,6 @@
 
 #include "options.h"
 
-#define MOECAL_OPT_END {NULL, 0, MOECAL_OPT_FLAG, NULL, NULL, NULL, NULL, 0, 0, 0}
-
 static const moecal_optdef moecal_calibrate_optdefs[] = {
     {"model", 'm', MOECAL_OPT_STRING, NULL, NULL, "DIR",
      "Hugging Face checkpoint directory (none: the built-in demo model)", 0, 0, 0},

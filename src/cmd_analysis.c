@@ -22,7 +22,6 @@
 #include "runtime.h"
 #include "util.h"
 
-#define OPT_END {NULL, 0, MOECAL_OPT_FLAG, NULL, NULL, NULL, NULL, 0, 0, 0}
 
 static const char *const proj_name[3] = {"w1", "w2", "w3"};
 
@@ -124,7 +123,7 @@ static const moecal_optdef compare_optdefs[] = {
     {"calibrated", 0, MOECAL_OPT_FLAG, "0", NULL, NULL,
      "compare input_amax_calibrated (before the peer-max sync) instead of input_amax",
      0, 0, 0},
-    OPT_END
+    MOECAL_OPT_END
 };
 
 typedef struct cmp_stats {
@@ -493,7 +492,7 @@ static const moecal_optdef report_optdefs[] = {
     {"warn-share", 0, MOECAL_OPT_FLOAT, "0.05", NULL, "F",
      "warn when more than this share of calibrated quantizers grew significantly in the tail",
      0, 0.0, 1.0},
-    OPT_END
+    MOECAL_OPT_END
 };
 
 static json_t *ids_json(const int *ids, int n, int *ok)

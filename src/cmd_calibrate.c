@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 
 #include "calibrate.h"
+#include "backend.h"
 #include "calibrate_opts.h"
 #include "commands.h"
 #include "placement.h"
@@ -122,10 +123,15 @@ int moecal_cmd_calibrate(int argc, char **argv)
     const char *qf, *nf;
     int len = 0;
 
-    o = moecal_cmd_begin("calibrate", moecal_calibrate_optdefs, NULL, summary, 0,
-                         print_router_logits, argc, argv);
-    if (!o)
+    /* calibrate's options, then every backend's own (backend.h) */
+    moecal_optdef *defs = moecal_backend_add_options(moecal_calibrate_optdefs);
+    if (!defs)
+        moecal_fatal(moecal_error_set(MOECAL_ERR_NOMEM, "out of memory for the options"));
+    o = moecal_cmd_begin("calibrate", defs, NULL, summary, 0, print_router_logits, argc, argv);
+    if (!o) {
+        free(defs);
         return 0;
+    }
     moecal_set_verbosity(moecal_opts_flag(o, "quiet") ? MOECAL_LOG_QUIET
                                                         : (int)moecal_opts_int(o, "verbose"),
                          (int)moecal_opts_int(o, "verbose-ranks"));
@@ -181,6 +187,7 @@ int moecal_cmd_calibrate(int argc, char **argv)
     p.placement_json = pjson;
     p.checkpoint_every = moecal_opts_int(o, "checkpoint-every");
     p.resume = moecal_opts_flag(o, "resume");
+    p.opts = o;
 
     moecal_signals_install();
     s = moecal_calibrate_run(&c, &p);
@@ -191,6 +198,7 @@ int moecal_cmd_calibrate(int argc, char **argv)
         free(cmdline);
         moecal_comm_free(&c);
         moecal_opts_free(o);
+        free(defs);
         moecal_runtime_finalize();
         exit(MOECAL_EXIT_REQUEUE);
     }
@@ -202,5 +210,6 @@ int moecal_cmd_calibrate(int argc, char **argv)
     moecal_placement_cleanup();
     moecal_comm_free(&c);
     moecal_opts_free(o);
+    free(defs);
     return 0;
 }

@@ -10,7 +10,6 @@
 #include "options.h"
 #include "runtime.h"
 
-#define OPT_END {NULL, 0, MOECAL_OPT_FLAG, NULL, NULL, NULL, NULL, 0, 0, 0}
 
 static const moecal_optdef defs[] = {
     {"model", 'm', MOECAL_OPT_STRING, NULL, NULL, "DIR",
@@ -30,7 +29,7 @@ static const moecal_optdef defs[] = {
      "what rank 0 prints: 0 errors, 1 progress, 2 details, 3 debug", 0, 0, 3},
     {"verbose-ranks", 0, MOECAL_OPT_INT, "0", NULL, "LEVEL",
      "what every rank prints (same levels)", 0, 0, 3},
-    OPT_END
+    MOECAL_OPT_END
 };
 
 static const char summary[] =

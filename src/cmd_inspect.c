@@ -32,7 +32,6 @@
 #include "runtime.h"
 #include "safetensors.h"
 
-#define OPT_END {NULL, 0, MOECAL_OPT_FLAG, NULL, NULL, NULL, NULL, 0, 0, 0}
 #define INDEX_NAME "model.safetensors.index.json"
 #define SINGLE_NAME "model.safetensors"
 #define MAX_INDEX_BYTES (256u << 20)
@@ -41,7 +40,7 @@
 static const moecal_optdef defs[] = {
     {"json", 'j', MOECAL_OPT_FLAG, "0", NULL, NULL, "print one JSON object instead of text", 0,
      0, 0},
-    OPT_END
+    MOECAL_OPT_END
 };
 
 static const char summary[] =

@@ -13,7 +13,6 @@
 #include "runtime.h"
 #include "synth.h"
 
-#define OPT_END {NULL, 0, MOECAL_OPT_FLAG, NULL, NULL, NULL, NULL, 0, 0, 0}
 
 /* Sizes default to the preset's: STRING options whose default is "preset". */
 static const moecal_optdef defs[] = {
@@ -52,7 +51,7 @@ static const moecal_optdef defs[] = {
      "write into a non-empty directory (an earlier model's shards there are removed)",
      MOECAL_OPTF_NOENV, 0, 0},
     {"quiet", 'q', MOECAL_OPT_FLAG, "0", NULL, NULL, "print nothing but errors", 0, 0, 0},
-    OPT_END
+    MOECAL_OPT_END
 };
 
 static const char summary[] =

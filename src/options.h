@@ -46,6 +46,9 @@ typedef struct moecal_optdef {
                             * when min < max (integers are exact up to 2^53) */
 } moecal_optdef;
 
+/* The entry that ends every table. */
+#define MOECAL_OPT_END {NULL, 0, MOECAL_OPT_FLAG, NULL, NULL, NULL, NULL, 0, 0, 0}
+
 typedef struct moecal_opts moecal_opts;
 
 /* Parse argv[1..] for subcommand cmd ("calibrate").  The table ends with an

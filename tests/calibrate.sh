@@ -12,6 +12,15 @@ grep -q "^# rank" "$TMPDIR/out" || fail "no placement header lines"
 grep -Eq "^# peer-max sync: [0-9]+ of 288 input quantizers raised .*; [1-9][0-9]* experts never routed" \
     "$TMPDIR/err" || fail "no peer-max sync line: $(cat "$TMPDIR/err")"
 check_amax schema "$TMPDIR/topk.h5"
+# provenance: the backend and its own settings (none for the CPU backend)
+"$PYTHON3" - "$TMPDIR/topk.h5" <<'EOF' || fail "backend attributes"
+import sys, h5py
+a = h5py.File(sys.argv[1], "r").attrs
+def s(v):
+    return v.decode() if isinstance(v, bytes) else str(v)
+assert s(a["backend"]) == "cpu", a["backend"]
+assert s(a["backend_settings"]) == "", a["backend_settings"]
+EOF
 
 # Independent reference (numpy, its own safetensors and FP8 decoding).
 run "$PYTHON3" "$srcdir/tests/reference.py" "$TMPDIR/demo" "$TMPDIR/demo/activations.h5" \

@@ -1,4 +1,7 @@
-/* test_options.c - unit tests of the option tables (options.c). */
+/* test_options.c - unit tests of the option tables (options.c) and of the
+ * backends' own settings added to a command's table (backend.c). */
+#include "config.h"
+
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -10,6 +13,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "backend.h"
 #include "options.h"
 
 static const moecal_optdef defs[] = {
@@ -86,7 +90,8 @@ static void test_bad_values(void **state)
     assert_int_equal(parse(3, a6, &o), MOECAL_ERR_USAGE);
     /* a float range in the table: out of it, NaN refused; the bounds allowed */
     assert_int_equal(parse(3, a7, &o), MOECAL_ERR_USAGE);
-    assert_non_null(strstr(moecal_error_message(), "'scale' is 2.5 but must be between 0.25 and 2"));
+    assert_non_null(strstr(moecal_error_message(),
+                           "'scale' is 2.5 but must be between 0.25 and 2"));
     assert_int_equal(parse(3, a8, &o), MOECAL_ERR_USAGE);
     assert_int_equal(parse(3, a9, &o), MOECAL_OK);
     assert_true(moecal_opts_float(o, "scale") == 0.25);
@@ -144,6 +149,45 @@ static void test_precedence(void **state)
     unlink(path);
 }
 
+static void test_backend_options(void **state)
+{
+    (void)state;
+    size_t n = 0, k = 0;
+    moecal_optdef *all = moecal_backend_add_options(defs);
+    assert_non_null(all);
+    while (defs[n].name)
+        n++;
+    while (all[k].name)
+        k++;
+#ifdef HAVE_CUDA
+    assert_int_equal(k, n + 5);   /* cuda-step, -piece, -streams, -prio, -router */
+    assert_string_equal(all[n].name, "cuda-step");
+#else
+    assert_int_equal(k, n);       /* the CPU backend has no settings of its own */
+#endif
+    assert_string_equal(all[0].name, defs[0].name);
+
+    char *argv[] = {"calibrate", NULL, NULL, NULL};
+    int argc = 1;
+#ifdef HAVE_CUDA
+    argv[argc++] = "--cuda-streams";
+    argv[argc++] = "2";
+#endif
+    moecal_opts *o;
+    assert_int_equal(moecal_opts_parse("calibrate", all, "[FILE]", argc, argv, &o), MOECAL_OK);
+    char *cpu = moecal_backend_settings(&moecal_backend_cpu, o);
+    assert_string_equal(cpu, "");
+    free(cpu);
+#ifdef HAVE_CUDA
+    char *cuda = moecal_backend_settings(&moecal_backend_cuda, o);
+    assert_string_equal(cuda, "cuda-step=0 cuda-piece=0 cuda-streams=2 cuda-prio=0 "
+                              "cuda-router=dgemm");
+    free(cuda);
+#endif
+    moecal_opts_free(o);
+    free(all);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -151,6 +195,7 @@ int main(void)
         cmocka_unit_test(test_cli_forms),
         cmocka_unit_test(test_bad_values),
         cmocka_unit_test(test_precedence),
+        cmocka_unit_test(test_backend_options),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
