@@ -756,6 +756,102 @@ int bound_cpus(void)
     return std::max(1, CPU_COUNT(&set));
 }
 
+/* The selection kernel's per-token scratch in shared memory: threads per
+ * block and bytes, the opt-in above 48 KiB. */
+moecal_status setup_select(moecal_backend *b, int dev)
+{
+    const bool dbl = b->prec == MOECAL_LOGITS_EXACT;
+    int words = select_words(b->E, b->k, b->model.n_group, dbl ? 8 : 4);
+    int smem_max = 0;
+    cudaError_t e = cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                           dev);
+    if (e != cudaSuccess)
+        smem_max = 48 * 1024;
+    int nt = 64;
+    while (nt > 1 && (size_t)nt * (size_t)words * 4 > (size_t)smem_max)
+        nt /= 2;
+    if ((size_t)nt * (size_t)words * 4 > (size_t)smem_max) {
+        return moecal_error_set(MOECAL_ERR_UNSUPPORTED, "%s: %d experts need %d bytes of "
+                                "router scratch per token, more than the %d bytes of shared "
+                                "memory a block may use", b->where, b->E, words * 4,
+                                smem_max);
+    }
+    b->sel_threads = nt;
+    b->sel_smem = (size_t)nt * (size_t)words * 4;
+    if (b->sel_smem > 48 * 1024) {
+        cudaError_t ea =
+            dbl ? cudaFuncSetAttribute(k_select<double>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       (int)b->sel_smem)
+                : cudaFuncSetAttribute(k_select<float>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       (int)b->sel_smem);
+        if (ea != cudaSuccess)
+            return cuda_fail(b->where, "cudaFuncSetAttribute(k_select)",
+                             cudaGetErrorString(ea), __FILE__, __LINE__);
+    }
+    return MOECAL_OK;
+}
+
+/* The step (tokens per GPU pass) under the memory limit, smaller steps
+ * tried before giving up with the sizes; then the buffers. */
+moecal_status size_and_allocate(moecal_backend *b, const moecal_backend_config *cfg)
+{
+    size_t freeb = 0, totalb = 0;
+    cudaError_t e = cudaMemGetInfo(&freeb, &totalb);
+    if (e != cudaSuccess)
+        return cuda_fail(b->where, "cudaMemGetInfo()", cudaGetErrorString(e), __FILE__,
+                         __LINE__);
+    bool limited = cfg->gpu_mem_limit > 0;
+    size_t avail = limited ? (size_t)std::min<uint64_t>(cfg->gpu_mem_limit, freeb) : freeb;
+    int64_t def = b->all_experts ? STEP_ALL : STEP_TOPK;
+    def = knob(cfg, "cuda-step", "MOECAL_CUDA_STEP", (long)def, 1, INT32_MAX, true);
+    int64_t step = std::min(b->max_tok, def);
+    b->piece = knob(cfg, "cuda-piece", "MOECAL_CUDA_PIECE", (long)PIECE, 1, INT32_MAX, true);
+    /* int32 positions in the token lists */
+    while (!b->all_experts && step * (int64_t)b->k > INT32_MAX / 2)
+        step /= 2;
+    plan p = make_plan(b, step);
+    while ((!p.ok || p.total() > avail) && step > std::min<int64_t>(STEP_MIN, b->max_tok)) {
+        step = std::max<int64_t>(std::min<int64_t>(STEP_MIN, b->max_tok), step / 2);
+        p = make_plan(b, step);
+    }
+    if (!p.ok || p.total() > avail) {
+        const char *why = limited && cfg->gpu_mem_limit <= freeb ? "--gpu-mem-limit"
+                                                                  : "free on the GPU";
+        moecal_status s = moecal_error_set(
+            MOECAL_ERR_NOMEM, "%s: the shard needs %.1f GiB (weights %.1f GiB, chunk "
+            "buffers %.1f GiB) but only %.1f GiB may be used (%s)", b->where,
+            (double)p.total() / GIB, (double)(p.weights + p.gate + p.bias) / GIB,
+            (double)p.chunk_bytes() / GIB, (double)avail / GIB, why);
+        return s;
+    }
+    b->step = step;
+    b->piece = std::min(b->piece, step);
+    b->max_items = (int64_t)(p.items / sizeof(act_item));
+    moecal_status s = MOECAL_OK;
+    try {
+        size_t np = (size_t)ceil_div(step, b->piece);
+        b->ev_piece[0]->assign(np, nullptr);
+        b->ev_piece[1]->assign(np, nullptr);
+        b->copier = new copy_pool(b->copy_threads - 1);
+    } catch (...) {
+        s = moecal_error_errno(ENOMEM, "cuda backend");
+    }
+    if (s == MOECAL_OK)
+        s = allocate(b, p);
+    if (s != MOECAL_OK) {
+        if (moecal_error_code() == MOECAL_ERR_CUDA && strstr(moecal_error_message(),
+                                                              "out of memory"))
+            moecal_error_set(MOECAL_ERR_NOMEM, "%s: out of GPU memory allocating %.1f GiB "
+                             "(weights %.1f GiB, chunk buffers %.1f GiB)", b->where,
+                             (double)p.total() / GIB, (double)p.weights / GIB,
+                             (double)p.chunk_bytes() / GIB);
+        return moecal_error_code();
+    }
+    return MOECAL_OK;
+}
+
 moecal_status cuda_create(const moecal_backend_config *cfg, moecal_backend **out)
 {
     const moecal_model_config *m;
@@ -861,41 +957,11 @@ moecal_status cuda_create(const moecal_backend_config *cfg, moecal_backend **out
         }
     }
 
-    /* selection kernel: per-token scratch in shared memory */
     {
-        const bool dbl = b->prec == MOECAL_LOGITS_EXACT;
-        int words = select_words(b->E, b->k, b->model.n_group, dbl ? 8 : 4);
-        int smem_max = 0;
-        cudaError_t e = cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                               dev);
-        if (e != cudaSuccess)
-            smem_max = 48 * 1024;
-        int nt = 64;
-        while (nt > 1 && (size_t)nt * (size_t)words * 4 > (size_t)smem_max)
-            nt /= 2;
-        if ((size_t)nt * (size_t)words * 4 > (size_t)smem_max) {
+        moecal_status s = setup_select(b, dev);
+        if (s != MOECAL_OK) {
             cuda_destroy(b);
-            return moecal_error_set(MOECAL_ERR_UNSUPPORTED, "%s: %d experts need %d bytes of "
-                                    "router scratch per token, more than the %d bytes of shared "
-                                    "memory a block may use", b->where, b->E, words * 4,
-                                    smem_max);
-        }
-        b->sel_threads = nt;
-        b->sel_smem = (size_t)nt * (size_t)words * 4;
-        if (b->sel_smem > 48 * 1024) {
-            cudaError_t ea =
-                dbl ? cudaFuncSetAttribute(k_select<double>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           (int)b->sel_smem)
-                    : cudaFuncSetAttribute(k_select<float>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           (int)b->sel_smem);
-            if (ea != cudaSuccess) {
-                moecal_status s = cuda_fail(b->where, "cudaFuncSetAttribute(k_select)",
-                                            cudaGetErrorString(ea), __FILE__, __LINE__);
-                cuda_destroy(b);
-                return s;
-            }
+            return s;
         }
     }
 
@@ -905,63 +971,9 @@ moecal_status cuda_create(const moecal_backend_config *cfg, moecal_backend **out
         return MOECAL_OK;
     }
 
-    /* step size under the memory limit */
     {
-        size_t freeb = 0, totalb = 0;
-        cudaError_t e = cudaMemGetInfo(&freeb, &totalb);
-        if (e != cudaSuccess) {
-            moecal_status s = cuda_fail(b->where, "cudaMemGetInfo()", cudaGetErrorString(e),
-                                        __FILE__, __LINE__);
-            cuda_destroy(b);
-            return s;
-        }
-        bool limited = cfg->gpu_mem_limit > 0;
-        size_t avail = limited ? (size_t)std::min<uint64_t>(cfg->gpu_mem_limit, freeb) : freeb;
-        int64_t def = b->all_experts ? STEP_ALL : STEP_TOPK;
-        def = knob(cfg, "cuda-step", "MOECAL_CUDA_STEP", (long)def, 1, INT32_MAX, true);
-        int64_t step = std::min(b->max_tok, def);
-        b->piece = knob(cfg, "cuda-piece", "MOECAL_CUDA_PIECE", (long)PIECE, 1, INT32_MAX, true);
-        /* int32 positions in the token lists */
-        while (!b->all_experts && step * (int64_t)b->k > INT32_MAX / 2)
-            step /= 2;
-        plan p = make_plan(b, step);
-        while ((!p.ok || p.total() > avail) && step > std::min<int64_t>(STEP_MIN, b->max_tok)) {
-            step = std::max<int64_t>(std::min<int64_t>(STEP_MIN, b->max_tok), step / 2);
-            p = make_plan(b, step);
-        }
-        if (!p.ok || p.total() > avail) {
-            const char *why = limited && cfg->gpu_mem_limit <= freeb ? "--gpu-mem-limit"
-                                                                      : "free on the GPU";
-            moecal_status s = moecal_error_set(
-                MOECAL_ERR_NOMEM, "%s: the shard needs %.1f GiB (weights %.1f GiB, chunk "
-                "buffers %.1f GiB) but only %.1f GiB may be used (%s)", b->where,
-                (double)p.total() / GIB, (double)(p.weights + p.gate + p.bias) / GIB,
-                (double)p.chunk_bytes() / GIB, (double)avail / GIB, why);
-            cuda_destroy(b);
-            return s;
-        }
-        b->step = step;
-        b->piece = std::min(b->piece, step);
-        b->max_items = (int64_t)(p.items / sizeof(act_item));
-        moecal_status s = MOECAL_OK;
-        try {
-            size_t np = (size_t)ceil_div(step, b->piece);
-            b->ev_piece[0]->assign(np, nullptr);
-            b->ev_piece[1]->assign(np, nullptr);
-            b->copier = new copy_pool(b->copy_threads - 1);
-        } catch (...) {
-            s = moecal_error_errno(ENOMEM, "cuda backend");
-        }
-        if (s == MOECAL_OK)
-            s = allocate(b, p);
+        moecal_status s = size_and_allocate(b, cfg);
         if (s != MOECAL_OK) {
-            if (moecal_error_code() == MOECAL_ERR_CUDA && strstr(moecal_error_message(),
-                                                                  "out of memory"))
-                moecal_error_set(MOECAL_ERR_NOMEM, "%s: out of GPU memory allocating %.1f GiB "
-                                 "(weights %.1f GiB, chunk buffers %.1f GiB)", b->where,
-                                 (double)p.total() / GIB, (double)p.weights / GIB,
-                                 (double)p.chunk_bytes() / GIB);
-            s = moecal_error_code();
             cuda_destroy(b);
             return s;
         }

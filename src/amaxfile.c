@@ -232,13 +232,63 @@ static moecal_status check_space(MPI_Comm comm, const char *path, const moecal_a
                               "free", path, need / 1024, have / 1024);
 }
 
+/* Root attributes: identical values on every rank (collective). */
+static void root_attrs(h5w *w, const moecal_amax_meta *m)
+{
+    const moecal_model_config *cfg = m->cfg;
+
+    attr_str(w, w->file, "format", MOECAL_AMAX_FORMAT);
+    attr_int(w, w->file, "format_version", MOECAL_AMAX_FORMAT_VERSION);
+    attr_str(w, w->file, "moecal_version", PACKAGE_VERSION);
+    attr_str(w, w->file, "created", m->created);
+    attr_str(w, w->file, "command_line", m->command_line);
+    attr_str(w, w->file, "mode", m->all_experts ? "all_experts" : "topk");
+    attr_str(w, w->file, "sync", m->all_experts ? "none" : "peer_max");
+    attr_str(w, w->file, "router_logits",
+             m->all_experts ? "none" : moecal_router_logits_name(m->router_logits));
+    attr_str(w, w->file, "quant_format", moecal_qfmt_name(m->qfmt));
+    attr_str(w, w->file, "model_path", m->model_path);
+    attr_str(w, w->file, "model_type", cfg->model_type);
+    if (m->checkpoint_fingerprint)
+        attr_str(w, w->file, "checkpoint_fingerprint", m->checkpoint_fingerprint);
+    attr_str(w, w->file, "activations_path", m->activations_path);
+    attr_int(w, w->file, "n_ranks", m->n_ranks);
+    attr_int(w, w->file, "n_nodes", m->n_nodes);
+    attr_str(w, w->file, "placement", m->placement_json);
+    if (m->backend) {
+        attr_str(w, w->file, "backend", m->backend);
+        attr_str(w, w->file, "backend_settings", m->backend_settings ? m->backend_settings : "");
+    }
+    attr_int(w, w->file, "tokens", m->tokens);
+    attr_int(w, w->file, "chunk_tokens", m->chunk_tokens);
+    attr_int(w, w->file, "hidden_size", cfg->hidden_size);
+    attr_int(w, w->file, "moe_intermediate_size", cfg->moe_intermediate_size);
+    attr_int(w, w->file, "num_hidden_layers", cfg->num_hidden_layers);
+    attr_int(w, w->file, "n_routed_experts", cfg->n_routed_experts);
+    attr_int(w, w->file, "num_experts_per_tok", cfg->num_experts_per_tok);
+    attr_int(w, w->file, "n_group", cfg->n_group);
+    attr_int(w, w->file, "topk_group", cfg->topk_group);
+    attr_dbl(w, w->file, "routed_scaling_factor", cfg->routed_scaling_factor);
+    attr_int(w, w->file, "norm_topk_prob", cfg->norm_topk_prob);
+    attr_str(w, w->file, "scoring_func",
+             cfg->scoring == MOECAL_SCORING_SIGMOID ? "sigmoid" : "softmax");
+    attr_str(w, w->file, "topk_method", cfg->topk_method);
+    attr_int(w, w->file, "first_k_dense_replace", cfg->first_k_dense_replace);
+    {
+        char hash[32];
+        snprintf(hash, sizeof hash, "%016llx", (unsigned long long)m->input_hash);
+        attr_str(w, w->file, "input_hash", hash);
+    }
+    if (m->checkpoint)
+        attr_int(w, w->file, "checkpoint_next_step", m->next_step);
+}
+
 moecal_status moecal_amax_write_h5(MPI_Comm comm, const char *path, const moecal_amax_meta *m,
                                    const moecal_amax_slab *s)
 {
     h5w w = {.file = -1, .dxpl = -1, .path = path, .comm = comm, .status = MOECAL_OK};
     hid_t fapl, d_layers = -1, d_proj = -1, d_exp = -1, d_chunk = -1, d_cnt = -1;
     hid_t d[8] = {-1, -1, -1, -1, -1, -1, -1, -1};
-    const moecal_model_config *cfg = m->cfg;
     int rank, n = s->e1 - s->e0;
     size_t nslab = (size_t)m->L * (size_t)n * 3;
     float *in_scale = NULL, *w_scale = NULL;
@@ -286,50 +336,7 @@ moecal_status moecal_amax_write_h5(MPI_Comm comm, const char *path, const moecal
         experts[e] = e;
     agree(&w);
 
-    /* Root attributes: identical values on every rank (collective). */
-    attr_str(&w, w.file, "format", MOECAL_AMAX_FORMAT);
-    attr_int(&w, w.file, "format_version", MOECAL_AMAX_FORMAT_VERSION);
-    attr_str(&w, w.file, "moecal_version", PACKAGE_VERSION);
-    attr_str(&w, w.file, "created", m->created);
-    attr_str(&w, w.file, "command_line", m->command_line);
-    attr_str(&w, w.file, "mode", m->all_experts ? "all_experts" : "topk");
-    attr_str(&w, w.file, "sync", m->all_experts ? "none" : "peer_max");
-    attr_str(&w, w.file, "router_logits",
-             m->all_experts ? "none" : moecal_router_logits_name(m->router_logits));
-    attr_str(&w, w.file, "quant_format", moecal_qfmt_name(m->qfmt));
-    attr_str(&w, w.file, "model_path", m->model_path);
-    attr_str(&w, w.file, "model_type", cfg->model_type);
-    if (m->checkpoint_fingerprint)
-        attr_str(&w, w.file, "checkpoint_fingerprint", m->checkpoint_fingerprint);
-    attr_str(&w, w.file, "activations_path", m->activations_path);
-    attr_int(&w, w.file, "n_ranks", m->n_ranks);
-    attr_int(&w, w.file, "n_nodes", m->n_nodes);
-    attr_str(&w, w.file, "placement", m->placement_json);
-    if (m->backend) {
-        attr_str(&w, w.file, "backend", m->backend);
-        attr_str(&w, w.file, "backend_settings", m->backend_settings ? m->backend_settings : "");
-    }
-    attr_int(&w, w.file, "tokens", m->tokens);
-    attr_int(&w, w.file, "chunk_tokens", m->chunk_tokens);
-    attr_int(&w, w.file, "hidden_size", cfg->hidden_size);
-    attr_int(&w, w.file, "moe_intermediate_size", cfg->moe_intermediate_size);
-    attr_int(&w, w.file, "num_hidden_layers", cfg->num_hidden_layers);
-    attr_int(&w, w.file, "n_routed_experts", cfg->n_routed_experts);
-    attr_int(&w, w.file, "num_experts_per_tok", cfg->num_experts_per_tok);
-    attr_int(&w, w.file, "n_group", cfg->n_group);
-    attr_int(&w, w.file, "topk_group", cfg->topk_group);
-    attr_dbl(&w, w.file, "routed_scaling_factor", cfg->routed_scaling_factor);
-    attr_int(&w, w.file, "norm_topk_prob", cfg->norm_topk_prob);
-    attr_str(&w, w.file, "scoring_func", cfg->scoring == MOECAL_SCORING_SIGMOID ? "sigmoid" : "softmax");
-    attr_str(&w, w.file, "topk_method", cfg->topk_method);
-    attr_int(&w, w.file, "first_k_dense_replace", cfg->first_k_dense_replace);
-    {
-        char hash[32];
-        snprintf(hash, sizeof hash, "%016llx", (unsigned long long)m->input_hash);
-        attr_str(&w, w.file, "input_hash", hash);
-    }
-    if (m->checkpoint)
-        attr_int(&w, w.file, "checkpoint_next_step", m->next_step);
+    root_attrs(&w, m);
     agree(&w);
 
     {

@@ -465,29 +465,15 @@ static void route_logits(const double *gate_t, const float *x, size_t H, size_t 
     }
 }
 
-static moecal_status cpu_run_chunk(moecal_backend *b, const uint16_t *x, int64_t ntok,
-                                   const uint8_t *skip, moecal_chunk_stats *out)
+/* Step 1 of a chunk: the rows not skipped, widened to float and compacted
+ * in token order, with each row's max |x| (NaN when it holds one); returns
+ * their number. */
+static int64_t widen_rows(moecal_backend *b, const uint16_t *x, int64_t ntok,
+                          const uint8_t *skip)
 {
-    const int E = b->E, k = b->k, nloc = b->nloc;
-    const size_t H = (size_t)b->H, NI = (size_t)b->NI, I2 = 2 * NI;
-    int64_t nvalid = 0, nitems = 0;
-    double t0, t1;
+    const size_t H = (size_t)b->H;
+    int64_t nvalid = 0;
 
-    if (b->layer < 0)
-        return moecal_error_set(MOECAL_ERR_INTERNAL, "cpu backend: run_chunk before load_layer");
-    if (ntok < 0 || ntok > b->max_tok)
-        return moecal_error_set(MOECAL_ERR_INTERNAL, "cpu backend: chunk of %lld tokens "
-                                "(at most %lld)", (long long)ntok, (long long)b->max_tok);
-    for (int e = 0; e < nloc; e++) {
-        out->tokens[e] = 0;
-        out->amax_x[e] = 0.0f;
-        out->amax_h[e] = 0.0f;
-    }
-    if (nloc == 0 || ntok == 0)
-        return MOECAL_OK;
-
-    /* 1. widen the rows that are not skipped, compacted in token order */
-    t0 = now();
     for (int64_t t = 0; t < ntok; t++) {
         if (skip == NULL || !skip[t])
             b->src_row[nvalid++] = (int32_t)t;
@@ -507,33 +493,68 @@ OMP_PARALLEL_FOR(num_threads(b->nthreads) schedule(static))
         }
         b->rowmax[r] = nan ? NAN : m;
     }
+    return nvalid;
+}
 
-    /* 2. route (top-k mode), in full blocks of ROUTE_BLOCK rows */
-    if (!b->all_experts && nvalid > 0) {
-        int64_t nrb = (nvalid + ROUTE_BLOCK - 1) / ROUTE_BLOCK;
-        const float *bias = b->has_bias ? b->bias : NULL;
-        size_t npad = (size_t)(nrb * ROUTE_BLOCK - nvalid);
-        memset(b->xf + (size_t)nvalid * H, 0, npad * H * sizeof(float));
+/* Step 2 of a chunk: the router's choice for nvalid widened rows, in full
+ * blocks of ROUTE_BLOCK rows (the padding rows zeroed). */
+static void route_rows(moecal_backend *b, int64_t nvalid)
+{
+    const int E = b->E, k = b->k;
+    const size_t H = (size_t)b->H;
+    int64_t nrb = (nvalid + ROUTE_BLOCK - 1) / ROUTE_BLOCK;
+    const float *bias = b->has_bias ? b->bias : NULL;
+    size_t npad = (size_t)(nrb * ROUTE_BLOCK - nvalid);
+
+    memset(b->xf + (size_t)nvalid * H, 0, npad * H * sizeof(float));
 OMP_PARALLEL_FOR(num_threads(b->nthreads) schedule(dynamic, 1))
-        for (int64_t blk = 0; blk < nrb; blk++) {
-            int64_t r0 = blk * ROUTE_BLOCK;
-            int64_t nr = nvalid - r0 < ROUTE_BLOCK ? nvalid - r0 : ROUTE_BLOCK;
-            const size_t esz = b->prec == MOECAL_LOGITS_EXACT ? sizeof(double) : sizeof(float);
-            char *lg = (char *)b->logits + (size_t)r0 * (size_t)E * esz;
-            double *acc = b->tb[thread_id()].acc;
-            for (int64_t i = 0; i < nr; i++)
-                route_logits(b->gate_t, b->xf + (size_t)(r0 + i) * H, H, (size_t)E, acc,
-                             b->prec, lg + (size_t)i * (size_t)E * esz);
-            if (b->prec == MOECAL_LOGITS_EXACT)
-                moecal_router_select_scratch_d(&b->model, (const double *)(void *)lg, bias, nr,
-                                               b->sel + (size_t)r0 * k, NULL,
-                                               b->tb[thread_id()].router);
-            else
-                moecal_router_select_scratch(&b->model, (const float *)(void *)lg, bias, nr,
-                                             b->sel + (size_t)r0 * k, NULL,
-                                             b->tb[thread_id()].router);
-        }
+    for (int64_t blk = 0; blk < nrb; blk++) {
+        int64_t r0 = blk * ROUTE_BLOCK;
+        int64_t nr = nvalid - r0 < ROUTE_BLOCK ? nvalid - r0 : ROUTE_BLOCK;
+        const size_t esz = b->prec == MOECAL_LOGITS_EXACT ? sizeof(double) : sizeof(float);
+        char *lg = (char *)b->logits + (size_t)r0 * (size_t)E * esz;
+        double *acc = b->tb[thread_id()].acc;
+        for (int64_t i = 0; i < nr; i++)
+            route_logits(b->gate_t, b->xf + (size_t)(r0 + i) * H, H, (size_t)E, acc,
+                         b->prec, lg + (size_t)i * (size_t)E * esz);
+        if (b->prec == MOECAL_LOGITS_EXACT)
+            moecal_router_select_scratch_d(&b->model, (const double *)(void *)lg, bias, nr,
+                                           b->sel + (size_t)r0 * k, NULL,
+                                           b->tb[thread_id()].router);
+        else
+            moecal_router_select_scratch(&b->model, (const float *)(void *)lg, bias, nr,
+                                         b->sel + (size_t)r0 * k, NULL,
+                                         b->tb[thread_id()].router);
     }
+}
+
+static moecal_status cpu_run_chunk(moecal_backend *b, const uint16_t *x, int64_t ntok,
+                                   const uint8_t *skip, moecal_chunk_stats *out)
+{
+    const int k = b->k, nloc = b->nloc;
+    const size_t H = (size_t)b->H, NI = (size_t)b->NI, I2 = 2 * NI;
+    int64_t nvalid = 0, nitems = 0;
+    double t0, t1;
+
+    if (b->layer < 0)
+        return moecal_error_set(MOECAL_ERR_INTERNAL, "cpu backend: run_chunk before load_layer");
+    if (ntok < 0 || ntok > b->max_tok)
+        return moecal_error_set(MOECAL_ERR_INTERNAL, "cpu backend: chunk of %lld tokens "
+                                "(at most %lld)", (long long)ntok, (long long)b->max_tok);
+    for (int e = 0; e < nloc; e++) {
+        out->tokens[e] = 0;
+        out->amax_x[e] = 0.0f;
+        out->amax_h[e] = 0.0f;
+    }
+    if (nloc == 0 || ntok == 0)
+        return MOECAL_OK;
+
+    /* 1. widen the rows that are not skipped, compacted in token order;
+     * 2. route them (top-k mode) */
+    t0 = now();
+    nvalid = widen_rows(b, x, ntok, skip);
+    if (!b->all_experts && nvalid > 0)
+        route_rows(b, nvalid);
     t1 = now();
     b->t[MOECAL_PHASE_ROUTE] += t1 - t0;
     t0 = t1;

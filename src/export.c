@@ -1054,6 +1054,91 @@ static bool exists(const char *path)
 
 /* ------------------------------------------------------------------ the job */
 
+/* The GPU quantizes when there is one (--backend auto) or when asked; ranks
+ * of a node take its GPUs in turn.  -1: the CPU.  Collective. */
+static int pick_device(const moecal_comm *c, const moecal_export_params *p)
+{
+    int device = -1;
+    moecal_status s = MOECAL_OK;
+    const char *no_gpu = "this moecal was built without CUDA (" MOECAL_BUILD_OPTIONS ")";
+#ifdef HAVE_CUDA
+    if (strcmp(p->backend ? p->backend : "auto", "cpu") != 0) {
+        int ng = moecal_nvfp4_gpu_count();
+        device = ng > 0 ? c->node_rank % ng : -1;
+        no_gpu = "no GPU is visible to this rank";
+    }
+#endif
+    if (device < 0 && p->backend && strcmp(p->backend, "cuda") == 0)
+        s = moecal_error_set(MOECAL_ERR_UNSUPPORTED, "--backend cuda: %s", no_gpu);
+    moecal_check_all(s);
+    return device;
+}
+
+/* Rank 0, when every rank is done (st: their agreed outcome): the
+ * temporary directory becomes the output, the old output (--force) moved
+ * aside first and put back if the rename fails; on failure nothing is left
+ * but the old output. */
+static moecal_status publish(const job *j, moecal_status st)
+{
+    const char *out = j->p->output;
+    moecal_status r = MOECAL_OK;
+    bool moved = false;  /* the old output is at j->old, moved there now */
+
+    if (st != MOECAL_OK) {
+        remove_tree(j->tmp);
+        return st;
+    }
+    if (exists(out)) {
+        if (exists(j->old))
+            remove_tree(j->old);
+        if (rename(out, j->old) != 0)
+            r = moecal_error_errno(errno, "%s: cannot move the old output aside to %s", out,
+                                   j->old);
+        else
+            moved = true;
+    }
+    if (r == MOECAL_OK && rename(j->tmp, out) != 0) {
+        r = moecal_error_errno(errno, "%s: cannot rename %s to it", out, j->tmp);
+        /* put the old output back where it was */
+        if (moved && rename(j->old, out) != 0)
+            moecal_warn("the previous %s is kept as %s", out, j->old);
+    } else if (r == MOECAL_OK && moved) {
+        remove_tree(j->old);
+    }
+    if (r != MOECAL_OK)
+        remove_tree(j->tmp);
+    return r;
+}
+
+/* Every rank's bytes, rate and peak memory (-v 2) and the totals. */
+static void report_stats(const job *j, const double *stats, size_t nsh, double t0)
+{
+    const moecal_comm *c = j->c;
+    const moecal_export_params *p = j->p;
+    double sum[NSTAT], mx[NSTAT], *all = NULL;
+    if (c->rank == 0 && !(all = malloc((size_t)c->size * NSTAT * sizeof *all)))
+        moecal_fatal(moecal_error_set(MOECAL_ERR_NOMEM, "export: out of memory"));
+    MPI_Reduce(stats, sum, NSTAT, MPI_DOUBLE, MPI_SUM, 0, c->world);
+    MPI_Reduce(stats, mx, NSTAT, MPI_DOUBLE, MPI_MAX, 0, c->world);
+    MPI_Gather(stats, NSTAT, MPI_DOUBLE, all, NSTAT, MPI_DOUBLE, 0, c->world);
+    for (int r = 0; all && r < c->size; r++) {
+        const double *a = all + (size_t)r * NSTAT;
+        moecal_log(MOECAL_LOG_VERBOSE, "# rank %d: %s: read %.2f GB, wrote %.2f GB in %.2f s "
+                   "(%.2f GB/s in+out); peak memory %.0f MiB host, %.0f MiB GPU", r,
+                   a[4] > 0 ? "cuda" : "cpu", a[0] / 1e9, a[1] / 1e9, a[5],
+                   a[5] > 0 ? (a[0] + a[1]) / 1e9 / a[5] : 0.0, a[2], a[3]);
+    }
+    free(all);
+    double dt = moecal_now() - t0;
+    moecal_log(MOECAL_LOG_INFO, "# wrote %s in %.1f s: %zu shard file%s, %d x %d x 3 NVFP4 "
+               "expert projections; read %.2f GB, wrote %.2f GB (%.2f GB/s in+out); "
+               "quantized on %s; peak memory per rank %.0f MiB host, %.0f MiB GPU",
+               p->output, dt, nsh, nsh == 1 ? "" : "s", j->amax->L, j->cfg->n_routed_experts,
+               sum[0] / 1e9, sum[1] / 1e9, dt > 0 ? (sum[0] + sum[1]) / 1e9 / dt : 0.0,
+               mx[4] > 0 ? (sum[4] == c->size ? "the GPU" : "GPUs and CPUs") : "the CPU",
+               mx[2], mx[3]);
+}
+
 moecal_status moecal_export_run(const moecal_comm *c, const moecal_export_params *p)
 {
     job j;
@@ -1117,20 +1202,7 @@ moecal_status moecal_export_run(const moecal_comm *c, const moecal_export_params
                nsh == 1 ? "" : "s", c->size, c->size == 1 ? "" : "s", j.amax->L,
                j.cfg->n_routed_experts);
 
-    /* The GPU quantizes when there is one (--backend auto) or when asked;
-     * ranks of a node take its GPUs in turn. */
-    int device = -1;
-    const char *no_gpu = "this moecal was built without CUDA (" MOECAL_BUILD_OPTIONS ")";
-#ifdef HAVE_CUDA
-    if (strcmp(p->backend ? p->backend : "auto", "cpu") != 0) {
-        int ng = moecal_nvfp4_gpu_count();
-        device = ng > 0 ? c->node_rank % ng : -1;
-        no_gpu = "no GPU is visible to this rank";
-    }
-#endif
-    if (device < 0 && p->backend && strcmp(p->backend, "cuda") == 0)
-        s = moecal_error_set(MOECAL_ERR_UNSUPPORTED, "--backend cuda: %s", no_gpu);
-    moecal_check_all(s);
+    int device = pick_device(c, p);
 
     /* The temporary directory, made fresh by rank 0. */
     if (c->rank == 0) {
@@ -1159,59 +1231,10 @@ moecal_status moecal_export_run(const moecal_comm *c, const moecal_export_params
         s = side_files(&j, plans, nsh);
     /* Every rank done, or none: rank 0 renames or cleans up. */
     s = moecal_comm_agree(c->world, s);
-    if (c->rank == 0) {
-        if (s != MOECAL_OK) {
-            remove_tree(j.tmp);
-        } else {
-            moecal_status r = MOECAL_OK;
-            bool moved = false;  /* the old output is at j.old, moved there now */
-            if (exists(p->output)) {
-                if (exists(j.old))
-                    remove_tree(j.old);
-                if (rename(p->output, j.old) != 0)
-                    r = moecal_error_errno(errno, "%s: cannot move the old output aside to %s",
-                                           p->output, j.old);
-                else
-                    moved = true;
-            }
-            if (r == MOECAL_OK && rename(j.tmp, p->output) != 0) {
-                r = moecal_error_errno(errno, "%s: cannot rename %s to it", p->output, j.tmp);
-                /* put the old output back where it was */
-                if (moved && rename(j.old, p->output) != 0)
-                    moecal_warn("the previous %s is kept as %s", p->output, j.old);
-            } else if (r == MOECAL_OK && moved) {
-                remove_tree(j.old);
-            }
-            if (r != MOECAL_OK)
-                remove_tree(j.tmp);
-            s = r;
-        }
-    }
+    if (c->rank == 0)
+        s = publish(&j, s);
     moecal_check_all(s);
-    {
-        double sum[NSTAT], mx[NSTAT], *all = NULL;
-        if (c->rank == 0 && !(all = malloc((size_t)c->size * sizeof stats)))
-            moecal_fatal(moecal_error_set(MOECAL_ERR_NOMEM, "export: out of memory"));
-        MPI_Reduce(stats, sum, NSTAT, MPI_DOUBLE, MPI_SUM, 0, c->world);
-        MPI_Reduce(stats, mx, NSTAT, MPI_DOUBLE, MPI_MAX, 0, c->world);
-        MPI_Gather(stats, NSTAT, MPI_DOUBLE, all, NSTAT, MPI_DOUBLE, 0, c->world);
-        for (int r = 0; all && r < c->size; r++) {
-            const double *a = all + (size_t)r * NSTAT;
-            moecal_log(MOECAL_LOG_VERBOSE, "# rank %d: %s: read %.2f GB, wrote %.2f GB in %.2f s "
-                       "(%.2f GB/s in+out); peak memory %.0f MiB host, %.0f MiB GPU", r,
-                       a[4] > 0 ? "cuda" : "cpu", a[0] / 1e9, a[1] / 1e9, a[5],
-                       a[5] > 0 ? (a[0] + a[1]) / 1e9 / a[5] : 0.0, a[2], a[3]);
-        }
-        free(all);
-        double dt = moecal_now() - t0;
-        moecal_log(MOECAL_LOG_INFO, "# wrote %s in %.1f s: %zu shard file%s, %d x %d x 3 NVFP4 "
-                   "expert projections; read %.2f GB, wrote %.2f GB (%.2f GB/s in+out); "
-                   "quantized on %s; peak memory per rank %.0f MiB host, %.0f MiB GPU",
-                   p->output, dt, nsh, nsh == 1 ? "" : "s", j.amax->L, j.cfg->n_routed_experts,
-                   sum[0] / 1e9, sum[1] / 1e9, dt > 0 ? (sum[0] + sum[1]) / 1e9 / dt : 0.0,
-                   mx[4] > 0 ? (sum[4] == c->size ? "the GPU" : "GPUs and CPUs") : "the CPU",
-                   mx[2], mx[3]);
-    }
+    report_stats(&j, stats, nsh, t0);
     for (size_t i = 0; i < nsh; i++)
         plan_free(&plans[i]);
     free(plans);

@@ -623,6 +623,45 @@ static moecal_status cpuset_text(hwloc_const_cpuset_t set, char *buf, size_t len
 
 /* ------------------------------------------------------------------ compute */
 
+/* This rank's GPU: its CUDA ordinal, how many ranks of the node share it,
+ * its bus id and whether the rank's cores are local to it. */
+static void gpu_line(const int my_gpu[2], const int *node_gpu, int node_size,
+                     const gpu_entry *gpus, hwloc_const_bitmap_t set, moecal_placement *out,
+                     unsigned *flags)
+{
+    if (my_gpu[0] != GPU_NONE) {
+        out->gpu = my_gpu[1];
+        for (int r = 0; r < node_size; r++)
+            out->ranks_per_gpu += node_gpu[2 * r] == my_gpu[0]
+                                  && (my_gpu[0] != GPU_UNKNOWN
+                                      || node_gpu[2 * r + 1] == my_gpu[1]);
+    }
+    if (my_gpu[0] >= 0) {
+        const gpu_entry *g = &gpus[my_gpu[0]];
+        snprintf(out->gpu_busid, sizeof out->gpu_busid, "%s", g->busid);
+        if (!hwloc_bitmap_isincluded(set, g->local->cpuset))
+            *flags |= MOECAL_PLACE_NOT_LOCAL;
+    }
+}
+
+/* Bind the process to its cores (strictly if the system allows).  Memory
+ * follows the cores by first touch; moecal_placement_alloc binds the large
+ * host buffers explicitly, with the topology kept here (*topo taken). */
+static void bind_rank(hwloc_topology_t *topo, hwloc_const_bitmap_t set, moecal_placement *out,
+                      unsigned *flags)
+{
+    if (hwloc_set_cpubind(*topo, set, HWLOC_CPUBIND_PROCESS | HWLOC_CPUBIND_STRICT) == 0
+        || hwloc_set_cpubind(*topo, set, HWLOC_CPUBIND_PROCESS) == 0) {
+        out->bound = 1;
+        if (kept_topology)
+            hwloc_topology_destroy(kept_topology);
+        kept_topology = *topo;
+        *topo = NULL;
+    } else {
+        *flags |= MOECAL_PLACE_BIND_FAILED;
+    }
+}
+
 moecal_status moecal_placement_compute(const moecal_comm *c, const moecal_place_opts *opt,
                                        moecal_placement *out)
 {
@@ -640,13 +679,9 @@ moecal_status moecal_placement_compute(const moecal_comm *c, const moecal_place_
     unsigned flags = 0;
     int thissystem = 0;
 
-    memset(out, 0, sizeof *out);
-    out->rank = c->rank;
-    out->node_rank = c->node_rank;
-    out->node_size = c->node_size;
+    *out = (moecal_placement){.rank = c->rank, .node_rank = c->node_rank,
+                              .node_size = c->node_size, .numa = -1, .gpu = -1};
     snprintf(out->host, sizeof out->host, "%s", c->host);
-    out->numa = -1;
-    out->gpu = -1;
 
     /* 1. Local. */
     s = load_topology(&topo);
@@ -748,39 +783,14 @@ agree:
         goto done;
     }
 
-    if (my_gpu[0] != GPU_NONE) {
-        out->gpu = my_gpu[1];
-        for (int r = 0; r < c->node_size; r++)
-            out->ranks_per_gpu += node_gpu[2 * r] == my_gpu[0]
-                                  && (my_gpu[0] != GPU_UNKNOWN
-                                      || node_gpu[2 * r + 1] == my_gpu[1]);
-    }
-    if (my_gpu[0] >= 0) {
-        const gpu_entry *g = &gpus[my_gpu[0]];
-        snprintf(out->gpu_busid, sizeof out->gpu_busid, "%s", g->busid);
-        if (!hwloc_bitmap_isincluded(p.sets[c->node_rank], g->local->cpuset))
-            flags |= MOECAL_PLACE_NOT_LOCAL;
-    }
+    gpu_line(my_gpu, node_gpu, c->node_size, gpus, p.sets[c->node_rank], out, &flags);
     s = cpuset_text(p.sets[c->node_rank], out->cpuset, sizeof out->cpuset);
     if (s != MOECAL_OK)
         goto done;
     out->numa = numa_of(topo, p.sets[c->node_rank]);
 
-    /* Memory follows the cores by first touch; moecal_placement_alloc binds
-     * the large host buffers explicitly. */
-    if (opt && opt->bind && thissystem) {
-        if (hwloc_set_cpubind(topo, p.sets[c->node_rank],
-                              HWLOC_CPUBIND_PROCESS | HWLOC_CPUBIND_STRICT) == 0
-            || hwloc_set_cpubind(topo, p.sets[c->node_rank], HWLOC_CPUBIND_PROCESS) == 0) {
-            out->bound = 1;
-            if (kept_topology)
-                hwloc_topology_destroy(kept_topology);
-            kept_topology = topo;
-            topo = NULL;
-        } else {
-            flags |= MOECAL_PLACE_BIND_FAILED;
-        }
-    }
+    if (opt && opt->bind && thissystem)
+        bind_rank(&topo, p.sets[c->node_rank], out, &flags);
     out->flags = flags;
 
 done:
