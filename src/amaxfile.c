@@ -37,20 +37,28 @@ typedef struct h5w {
     moecal_status status;
 } h5w;
 
+/* The directory that holds path ("." for a bare name, "/" for a name in
+ * the root). */
+static void parent_dir(const char *path, char *dir, size_t n)
+{
+    const char *slash = strrchr(path, '/');
+
+    if (slash)
+        snprintf(dir, n, "%.*s", (int)(slash - path), path);
+    else
+        snprintf(dir, n, ".");
+    if (dir[0] == '\0')
+        snprintf(dir, n, "/");
+}
+
 /* A full file system shows up in MPI-IO without errno: look at the space
  * left where the file lives. */
 static int disk_full(const char *path)
 {
     char dir[4096];
-    const char *slash = strrchr(path, '/');
     struct statvfs v;
 
-    if (slash)
-        snprintf(dir, sizeof dir, "%.*s", (int)(slash - path), path);
-    else
-        snprintf(dir, sizeof dir, ".");
-    if (dir[0] == '\0')
-        snprintf(dir, sizeof dir, "/");
+    parent_dir(path, dir, sizeof dir);
     return statvfs(dir, &v) == 0 && (unsigned long long)v.f_bavail * v.f_bsize < 256 * 1024;
 }
 
@@ -205,19 +213,13 @@ static unsigned long long size_estimate(const moecal_amax_meta *m)
 static moecal_status check_space(MPI_Comm comm, const char *path, const moecal_amax_meta *m)
 {
     char dir[4096];
-    const char *slash = strrchr(path, '/');
     struct statvfs v;
     unsigned long long need = size_estimate(m), have = 0;
     int rank, ok = 1;
 
     MPI_Comm_rank(comm, &rank);
     if (rank == 0) {
-        if (slash)
-            snprintf(dir, sizeof dir, "%.*s", (int)(slash - path), path);
-        else
-            snprintf(dir, sizeof dir, ".");
-        if (dir[0] == '\0')
-            snprintf(dir, sizeof dir, "/");
+        parent_dir(path, dir, sizeof dir);
         if (statvfs(dir, &v) == 0) {
             have = (unsigned long long)v.f_bavail * v.f_bsize;
             ok = have >= need;

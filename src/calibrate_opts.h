@@ -41,11 +41,7 @@ static const moecal_optdef moecal_calibrate_optdefs[] = {
     {"demo-dir", 0, MOECAL_OPT_STRING, NULL, NULL, "DIR",
      "where to write the demo model when --model is not given (default: a temporary dir)",
      0, 0, 0},
-    {"quiet", 0, MOECAL_OPT_FLAG, "0", NULL, NULL, "print errors only", 0, 0, 0},
-    {"verbose", 'v', MOECAL_OPT_INT, "1", NULL, "LEVEL",
-     "what rank 0 prints: 0 errors, 1 progress, 2 details, 3 debug", 0, 0, 3},
-    {"verbose-ranks", 0, MOECAL_OPT_INT, "0", NULL, "LEVEL",
-     "what every rank prints (same levels)", 0, 0, 3},
+    MOECAL_OPTS_VERBOSITY,
     MOECAL_OPT_END
 };
 

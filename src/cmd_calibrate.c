@@ -132,9 +132,7 @@ int moecal_cmd_calibrate(int argc, char **argv)
         free(defs);
         return 0;
     }
-    moecal_set_verbosity(moecal_opts_flag(o, "quiet") ? MOECAL_LOG_QUIET
-                                                        : (int)moecal_opts_int(o, "verbose"),
-                         (int)moecal_opts_int(o, "verbose-ranks"));
+    moecal_set_verbosity_from(o);
 
     s = moecal_comm_init(MPI_COMM_WORLD, &c);
     moecal_check_all(s);

@@ -24,11 +24,7 @@ static const moecal_optdef defs[] = {
      "workers per rank that read, quantize and write (0: OpenMP's default)", 0, 0, 4096},
     {"backend", 'b', MOECAL_OPT_CHOICE, "auto", "cpu|cuda|auto", "NAME",
      "where to quantize (auto: the GPU when one is present; the bytes are the same)", 0, 0, 0},
-    {"quiet", 0, MOECAL_OPT_FLAG, "0", NULL, NULL, "print errors only", 0, 0, 0},
-    {"verbose", 'v', MOECAL_OPT_INT, "1", NULL, "LEVEL",
-     "what rank 0 prints: 0 errors, 1 progress, 2 details, 3 debug", 0, 0, 3},
-    {"verbose-ranks", 0, MOECAL_OPT_INT, "0", NULL, "LEVEL",
-     "what every rank prints (same levels)", 0, 0, 3},
+    MOECAL_OPTS_VERBOSITY,
     MOECAL_OPT_END
 };
 
@@ -50,9 +46,7 @@ int moecal_cmd_export(int argc, char **argv)
     o = moecal_cmd_begin("export", defs, NULL, summary, 0, NULL, argc, argv);
     if (!o)
         return 0;
-    moecal_set_verbosity(moecal_opts_flag(o, "quiet") ? MOECAL_LOG_QUIET
-                                                        : (int)moecal_opts_int(o, "verbose"),
-                         (int)moecal_opts_int(o, "verbose-ranks"));
+    moecal_set_verbosity_from(o);
     p.model_dir = moecal_opts_str(o, "model");
     p.amax_path = moecal_opts_str(o, "amax");
     p.output = moecal_opts_str(o, "output");

@@ -77,6 +77,16 @@ moecal_status (moecal_error_set)(moecal_status code, const char *fmt, ...)
     return code;
 }
 
+moecal_status (moecal_error_in)(moecal_status code, const char *where, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    moecal_error_vset(code, fmt, ap);
+    va_end(ap);
+    moecal_error_prefix("%s: ", where);
+    return code;
+}
+
 moecal_status (moecal_error_errno)(int errnum, const char *fmt, ...)
 {
     va_list ap;

@@ -39,6 +39,9 @@ typedef enum moecal_status {
 moecal_status moecal_error_set(moecal_status code, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 moecal_status moecal_error_vset(moecal_status code, const char *fmt, va_list ap);
+/* Record "WHERE: message" (a file or object the message is about). */
+moecal_status moecal_error_in(moecal_status code, const char *where, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 /* errno-flavoured: appends ": strerror(errnum)". */
 moecal_status moecal_error_errno(int errnum, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
@@ -63,6 +66,7 @@ _Noreturn void moecal_assert_fail(const char *cond, const char *file, int line);
 #define moecal_error_set(...) (moecal_error_where(__FILE__, __LINE__), moecal_error_set(__VA_ARGS__))
 #define moecal_error_errno(...) \
     (moecal_error_where(__FILE__, __LINE__), moecal_error_errno(__VA_ARGS__))
+#define moecal_error_in(...) (moecal_error_where(__FILE__, __LINE__), moecal_error_in(__VA_ARGS__))
 #define MOECAL_ASSERT(cond) ((cond) ? (void)0 : moecal_assert_fail(#cond, __FILE__, __LINE__))
 #else
 #define MOECAL_ASSERT(cond) ((void)0)

@@ -29,7 +29,7 @@
 #include "export.h"
 #include "fp8.h"
 #include "model.h"
-#include "nvfp4.h"
+#include "nvfp4.h" /* and nvfp4_math.h */
 #ifdef HAVE_CUDA
 #include "../cuda/nvfp4_cuda.h"
 #endif
@@ -379,13 +379,6 @@ out:
     return st;
 }
 
-static uint32_t f2u(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    return u;
-}
-
 /* The amax file's value for (li, e, p). */
 static float amax_at(const job *j, const float *table, int li, int e, int p)
 {
@@ -404,7 +397,7 @@ static moecal_status expert_scales(const job *j, const out_tensor *o, float *s2,
     float x = amax_at(j, ia, li, e, p);
 
     if (p != MOECAL_W2 &&
-        f2u(amax_at(j, ia, li, e, MOECAL_W1)) != f2u(amax_at(j, ia, li, e, MOECAL_W3)))
+        moecal_nv_f2u(amax_at(j, ia, li, e, MOECAL_W1)) != moecal_nv_f2u(amax_at(j, ia, li, e, MOECAL_W3)))
         return moecal_error_set(MOECAL_ERR_FORMAT, "%s: layer %d expert %d: gate and up input "
                                 "amax differ (%.9g, %.9g) but see the same input",
                                 j->p->amax_path, layer, e,
@@ -429,7 +422,7 @@ static moecal_status check_weight_amax(const job *j, const out_tensor *o, float 
 {
     float want = amax_at(j, j->amax->weight_amax, o->li, o->e, o->p);
 
-    if (f2u(amax) == f2u(want))
+    if (moecal_nv_f2u(amax) == moecal_nv_f2u(want))
         return MOECAL_OK;
     return moecal_error_set(MOECAL_ERR_MISMATCH,
                             "%s: tensor '%s' has amax %.9g but %s recorded %.9g for it (layer "

@@ -15,20 +15,6 @@
 #include "fp8.h"
 #include "nvfp4_math.h" /* the e4m3 conversions, shared with CUDA */
 
-static inline uint32_t f2u(float x)
-{
-    uint32_t u;
-    memcpy(&u, &x, sizeof u);
-    return u;
-}
-
-static inline float u2f(uint32_t u)
-{
-    float x;
-    memcpy(&x, &u, sizeof x);
-    return x;
-}
-
 /* ------------------------------------------------------------------ e4m3fn */
 
 float moecal_e4m3_to_float(uint8_t q)
@@ -50,12 +36,12 @@ uint8_t moecal_float_to_e4m3(float x)
 
 float moecal_bf16_to_float(uint16_t b)
 {
-    return u2f((uint32_t)b << 16);
+    return moecal_nv_u2f((uint32_t)b << 16);
 }
 
 uint16_t moecal_float_to_bf16(float x)
 {
-    uint32_t u = f2u(x);
+    uint32_t u = moecal_nv_f2u(x);
 
     if ((u & 0x7fffffff) > 0x7f800000)
         return (uint16_t)((u >> 16) | 0x40); /* keep sign and payload top, force quiet */
@@ -77,17 +63,17 @@ float moecal_f16_to_float(uint16_t h)
     uint32_t e = (h >> 10) & 0x1f, m = h & 0x3ff;
 
     if (e == 0x1f)
-        return u2f(sign | 0x7f800000 | (m << 13) | (m ? 0x400000 : 0));
+        return moecal_nv_u2f(sign | 0x7f800000 | (m << 13) | (m ? 0x400000 : 0));
     if (e == 0) {
         float v = (float)m * 0x1p-24f; /* exact */
         return sign ? -v : v;
     }
-    return u2f(sign | ((e + 112) << 23) | (m << 13));
+    return moecal_nv_u2f(sign | ((e + 112) << 23) | (m << 13));
 }
 
 uint16_t moecal_float_to_f16(float x)
 {
-    uint32_t u = f2u(x);
+    uint32_t u = moecal_nv_f2u(x);
     uint16_t sign = (uint16_t)((u >> 16) & 0x8000);
     uint32_t a = u & 0x7fffffff;
     int e;

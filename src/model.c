@@ -213,50 +213,6 @@ static moecal_status check_shard_name(const char *ipath, const char *tensor, con
     return MOECAL_OK;
 }
 
-static moecal_status read_small_file(const char *path, size_t limit, char **out, size_t *len)
-{
-    struct stat st;
-    size_t got = 0;
-    char *buf;
-    int fd;
-
-    if (moecal_open_regular(path, "the file", &fd) != MOECAL_OK)
-        return moecal_error_code();
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || (uint64_t)st.st_size > limit) {
-        int e = errno;
-        bool big = S_ISREG(st.st_mode) && (uint64_t)st.st_size > limit;
-        close(fd);
-        if (big)
-            return moecal_error_set(MOECAL_ERR_FORMAT, "%s: %llu bytes is more than the %zu "
-                                    "allowed", path, (ull)st.st_size, limit);
-        return e ? moecal_error_errno(e, "%s: cannot stat", path)
-                 : moecal_error_set(MOECAL_ERR_FORMAT, "%s: not a regular file", path);
-    }
-    buf = malloc((size_t)st.st_size + 1);
-    if (buf == NULL) {
-        close(fd);
-        return moecal_error_set(MOECAL_ERR_NOMEM, "%s: out of memory", path);
-    }
-    while (got < (size_t)st.st_size) {
-        ssize_t n = read(fd, buf + got, (size_t)st.st_size - got);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0) {
-            int e = errno;
-            free(buf);
-            close(fd);
-            return moecal_error_errno(e, "%s: read failed", path);
-        }
-        if (n == 0)
-            break;
-        got += (size_t)n;
-    }
-    close(fd);
-    *out = buf;
-    *len = got;
-    return MOECAL_OK;
-}
-
 /* Parse model.safetensors.index.json into m->shards and m->map. */
 static moecal_status load_index(moecal_model *m, const char *ipath)
 {
@@ -270,7 +226,7 @@ static moecal_status load_index(moecal_model *m, const char *ipath)
     json_t *v;
     moecal_status rc;
 
-    MOECAL_TRY(read_small_file(ipath, MAX_INDEX_BYTES, &text, &len));
+    MOECAL_TRY(moecal_read_file(ipath, "the index", MAX_INDEX_BYTES, &text, &len));
     /* A name listed twice would be ambiguous: refuse duplicates. */
     root = json_loadb(text, len, JSON_REJECT_DUPLICATES, &jerr);
     free(text);
@@ -474,7 +430,7 @@ static moecal_status refuse_quantized(const char *dir)
         free(path);
         return MOECAL_OK;
     }
-    rc = read_small_file(path, 64u << 20, &text, &len);
+    rc = moecal_read_file(path, "the file", 64u << 20, &text, &len);
     if (rc == MOECAL_OK) {
         root = json_loadb(text, len, 0, NULL);
         json_t *q = root ? json_object_get(root, "quantization") : NULL;
@@ -913,60 +869,72 @@ static moecal_status expert_2d(moecal_model *m, int layer, int expert, int proj,
     return MOECAL_OK;
 }
 
-moecal_status moecal_model_load_expert_fp8(moecal_model *m, int layer, int expert, int proj,
-                                           uint8_t *q, float *scale_inv, float *amax)
-{
+/* An expert projection opened: name, shape, expectation text and the tensor
+ * with its checked block scales (x->w.scale: free() it). */
+typedef struct expert_tensor {
     char name[NAME_MAX_LEN], expect[160];
     size_t rows, cols;
     tensor_2d w;
+} expert_tensor;
+
+static moecal_status open_expert(moecal_model *m, int layer, int expert, int proj,
+                                 expert_tensor *x)
+{
+    MOECAL_TRY(expert_2d(m, layer, expert, proj, x->name, &x->rows, &x->cols, x->expect,
+                         sizeof x->expect));
+    return open_2d(m, x->name, x->rows, x->cols, x->expect, &x->w);
+}
+
+moecal_status moecal_model_load_expert_fp8(moecal_model *m, int layer, int expert, int proj,
+                                           uint8_t *q, float *scale_inv, float *amax)
+{
+    expert_tensor x;
+    const tensor_2d *w = &x.w;
     uint64_t nn = 0;
     moecal_status rc;
 
-    MOECAL_TRY(expert_2d(m, layer, expert, proj, name, &rows, &cols, expect, sizeof expect));
-    MOECAL_TRY(open_2d(m, name, rows, cols, expect, &w));
-    if (w.t->dtype != MOECAL_DT_F8_E4M3)
+    MOECAL_TRY(open_expert(m, layer, expert, proj, &x));
+    if (w->t->dtype != MOECAL_DT_F8_E4M3)
         return moecal_error_set(MOECAL_ERR_UNSUPPORTED, "%s: tensor '%s' is %s, not F8_E4M3",
-                                moecal_st_path(w.f), name, w.t->dtype_name);
-    rc = moecal_st_read(w.f, w.t, q, rows * cols);
+                                moecal_st_path(w->f), x.name, w->t->dtype_name);
+    rc = moecal_st_read(w->f, w->t, q, x.rows * x.cols);
     if (rc == MOECAL_OK)
-        rc = moecal_fp8_block_amax(q, rows, cols, w.scale, w.block, &nn, amax);
+        rc = moecal_fp8_block_amax(q, x.rows, x.cols, w->scale, w->block, &nn, amax);
     if (rc == MOECAL_OK && nn > 0)
-        rc = nan_error(&w, name, nn, false);
+        rc = nan_error(w, x.name, nn, false);
     if (rc == MOECAL_OK)
-        memcpy(scale_inv, w.scale, w.nbr * w.nbc * sizeof *scale_inv);
-    free(w.scale);
+        memcpy(scale_inv, w->scale, w->nbr * w->nbc * sizeof *scale_inv);
+    free(w->scale);
     return rc;
 }
 
 moecal_status moecal_model_read_expert_raw(moecal_model *m, int layer, int expert, int proj,
                                            void *q, float *scale_inv, moecal_dtype *dtype)
 {
-    char name[NAME_MAX_LEN], expect[160];
-    size_t rows, cols;
-    tensor_2d w;
+    expert_tensor x;
+    const tensor_2d *w = &x.w;
     moecal_status rc = MOECAL_OK;
 
-    MOECAL_TRY(expert_2d(m, layer, expert, proj, name, &rows, &cols, expect, sizeof expect));
-    MOECAL_TRY(open_2d(m, name, rows, cols, expect, &w));
-    *dtype = w.t->dtype;
-    if (w.t->dtype == MOECAL_DT_F8_E4M3 || w.t->dtype == MOECAL_DT_BF16)
-        rc = moecal_st_read(w.f, w.t, q, rows * cols * moecal_dtype_size(w.t->dtype));
-    if (rc == MOECAL_OK && w.scale)
-        memcpy(scale_inv, w.scale, w.nbr * w.nbc * sizeof *scale_inv);
-    free(w.scale);
+    MOECAL_TRY(open_expert(m, layer, expert, proj, &x));
+    *dtype = w->t->dtype;
+    if (w->t->dtype == MOECAL_DT_F8_E4M3 || w->t->dtype == MOECAL_DT_BF16)
+        rc = moecal_st_read(w->f, w->t, q, x.rows * x.cols * moecal_dtype_size(w->t->dtype));
+    if (rc == MOECAL_OK && w->scale)
+        memcpy(scale_inv, w->scale, w->nbr * w->nbc * sizeof *scale_inv);
+    free(w->scale);
     return rc;
 }
 
 moecal_status moecal_model_expert_amax(moecal_model *m, int layer, int expert, int proj,
                                        float *amax)
 {
-    char name[NAME_MAX_LEN], expect[160];
-    size_t rows, cols;
-    tensor_2d w;
+    expert_tensor x;
     moecal_status rc = MOECAL_OK;
 
-    MOECAL_TRY(expert_2d(m, layer, expert, proj, name, &rows, &cols, expect, sizeof expect));
-    MOECAL_TRY(open_2d(m, name, rows, cols, expect, &w));
+    MOECAL_TRY(open_expert(m, layer, expert, proj, &x));
+    const char *name = x.name, *expect = x.expect;
+    const size_t rows = x.rows, cols = x.cols;
+    tensor_2d w = x.w;
     if (w.t->dtype != MOECAL_DT_F8_E4M3) {
         /* other dtypes: convert as for the backend, then scan */
         uint16_t *tmp = malloc((rows * cols > 0 ? rows * cols : 1) * sizeof *tmp);

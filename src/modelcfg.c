@@ -39,21 +39,6 @@ typedef struct ctx {
     const char *model_type;
 } ctx;
 
-static const char *json_kind(const json_t *v)
-{
-    switch (json_typeof(v)) {
-    case JSON_OBJECT: return "an object";
-    case JSON_ARRAY: return "an array";
-    case JSON_STRING: return "a string";
-    case JSON_INTEGER: return "an integer";
-    case JSON_REAL: return "a real number";
-    case JSON_TRUE: return "true";
-    case JSON_FALSE: return "false";
-    case JSON_NULL: return "null";
-    }
-    return "something else";
-}
-
 /* The value of key, or NULL when absent or null. */
 static const json_t *get(const ctx *c, const char *key)
 {
@@ -72,7 +57,7 @@ static moecal_status wrong_type(const ctx *c, const char *key, const json_t *v,
                                 const char *want)
 {
     return moecal_error_set(MOECAL_ERR_FORMAT, "%s: '%s%s' is %s but must be %s",
-                            c->label, c->prefix, key, json_kind(v), want);
+                            c->label, c->prefix, key, moecal_json_kind(v), want);
 }
 
 /* Integer key in [lo, hi]; hi_name (may be NULL) names the bound in messages,
@@ -321,7 +306,7 @@ static moecal_status parse_qwen(const ctx *c, moecal_model_config *cfg, bool **m
             if (!json_is_integer(x))
                 return moecal_error_set(MOECAL_ERR_FORMAT,
                                         "%s: 'mlp_only_layers' entry %zu is %s but must be "
-                                        "an integer", c->label, i, json_kind(x));
+                                        "an integer", c->label, i, moecal_json_kind(x));
             l = json_integer_value(x);
             if (l < 0 || l >= L)
                 return moecal_error_set(MOECAL_ERR_FORMAT,
@@ -404,7 +389,7 @@ static moecal_status parse_quant(const ctx *top, moecal_model_config *cfg)
         if (!json_is_integer(x))
             return moecal_error_set(MOECAL_ERR_FORMAT,
                                     "%s: 'quantization_config.weight_block_size'[%d] is %s but "
-                                    "must be an integer", c.label, i, json_kind(x));
+                                    "must be an integer", c.label, i, moecal_json_kind(x));
         b = json_integer_value(x);
         if (b < 1 || b > MAX_BLOCK)
             return moecal_error_set(MOECAL_ERR_FORMAT,
@@ -482,7 +467,7 @@ static moecal_status parse_root(const json_t *root, const char *label, moecal_mo
 
     if (!json_is_object(root))
         return moecal_error_set(MOECAL_ERR_FORMAT, "%s: the top level is %s but must be "
-                                "an object", label, json_kind(root));
+                                "an object", label, moecal_json_kind(root));
     if (get(&c, "model_type") == NULL)
         return moecal_error_set(MOECAL_ERR_FORMAT, "%s: missing key 'model_type'", label);
     MOECAL_TRY(get_str(&c, "model_type", NULL, &mt));
@@ -550,46 +535,13 @@ moecal_status moecal_model_config_parse(const char *json, size_t len, const char
 
 moecal_status moecal_model_config_load(const char *path, moecal_model_config *cfg)
 {
-    struct stat st;
     char *buf;
-    size_t got = 0;
-    int fd;
+    size_t got;
     moecal_status rc;
 
     memset(cfg, 0, sizeof *cfg);
     /* never blocks on a FIFO or reads a device */
-    MOECAL_TRY(moecal_open_regular(path, "config.json", &fd));
-    if (fstat(fd, &st) != 0) {
-        int e = errno;
-        close(fd);
-        return moecal_error_errno(e, "%s: cannot stat", path);
-    }
-    if ((uint64_t)st.st_size > MAX_CONFIG_BYTES) {
-        close(fd);
-        return moecal_error_set(MOECAL_ERR_FORMAT, "%s: %lld bytes is too large for a "
-                                "config.json (limit %u)", path, (long long)st.st_size,
-                                MAX_CONFIG_BYTES);
-    }
-    buf = malloc((size_t)st.st_size + 1);
-    if (buf == NULL) {
-        close(fd);
-        return moecal_error_set(MOECAL_ERR_NOMEM, "%s: out of memory", path);
-    }
-    while (got < (size_t)st.st_size) {
-        ssize_t n = read(fd, buf + got, (size_t)st.st_size - got);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0) {
-            int e = errno;
-            free(buf);
-            close(fd);
-            return moecal_error_errno(e, "%s: read failed", path);
-        }
-        if (n == 0)
-            break; /* shrank under us: parse what is there */
-        got += (size_t)n;
-    }
-    close(fd);
+    MOECAL_TRY(moecal_read_file(path, "config.json", MAX_CONFIG_BYTES, &buf, &got));
     rc = moecal_model_config_parse(buf, got, path, cfg);
     free(buf);
     return rc;

@@ -6,7 +6,8 @@
  * quotient, never a product followed by an addition, so no compiler can
  * contract two steps into one fused multiply-add); the format conversions
  * work on bit patterns with integer arithmetic.  nvfp4.h says what the
- * steps compute and where the definition comes from.
+ * steps compute and where the definition comes from.  The float/bit casts
+ * (moecal_nv_f2u, moecal_nv_u2f) serve the other host code too.
  */
 #ifndef MOECAL_NVFP4_MATH_H
 #define MOECAL_NVFP4_MATH_H

@@ -46,6 +46,15 @@ typedef struct moecal_optdef {
                             * when min < max (integers are exact up to 2^53) */
 } moecal_optdef;
 
+/* --quiet, -v/--verbose and --verbose-ranks, for the commands of long jobs
+ * (moecal_set_verbosity_from in runtime.h applies them). */
+#define MOECAL_OPTS_VERBOSITY                                                               \
+    {"quiet", 0, MOECAL_OPT_FLAG, "0", NULL, NULL, "print errors only", 0, 0, 0},            \
+    {"verbose", 'v', MOECAL_OPT_INT, "1", NULL, "LEVEL",                                    \
+     "what rank 0 prints: 0 errors, 1 progress, 2 details, 3 debug", 0, 0, 3},              \
+    {"verbose-ranks", 0, MOECAL_OPT_INT, "0", NULL, "LEVEL",                                \
+     "what every rank prints (same levels)", 0, 0, 3}
+
 /* The entry that ends every table. */
 #define MOECAL_OPT_END {NULL, 0, MOECAL_OPT_FLAG, NULL, NULL, NULL, NULL, 0, 0, 0}
 

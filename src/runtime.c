@@ -200,6 +200,13 @@ moecal_opts *moecal_cmd_begin(const char *cmd, const moecal_optdef *defs, const 
     return o;
 }
 
+void moecal_set_verbosity_from(const moecal_opts *o)
+{
+    moecal_set_verbosity(moecal_opts_flag(o, "quiet") ? MOECAL_LOG_QUIET
+                                                        : (int)moecal_opts_int(o, "verbose"),
+                         (int)moecal_opts_int(o, "verbose-ranks"));
+}
+
 void moecal_set_verbosity(int rank0_level, int all_level)
 {
     if (verbosity0 < MOECAL_LOG_DEBUG)

@@ -56,6 +56,8 @@ struct moecal_opts *moecal_cmd_begin(const char *cmd, const struct moecal_optdef
                                      int argc, char **argv);
 
 void moecal_set_verbosity(int rank0_level, int all_level);
+/* From the options of MOECAL_OPTS_VERBOSITY (options.h). */
+void moecal_set_verbosity_from(const struct moecal_opts *o);
 int moecal_verbosity(void);
 void moecal_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void moecal_log_all(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

@@ -28,6 +28,7 @@
 #include <jansson.h>
 
 #include "safetensors.h"
+#include "util.h"
 
 /* Functions beyond safetensors.h; see the comments at their definitions. */
 size_t moecal_st_metadata_count(const moecal_st_file *f);
@@ -77,21 +78,6 @@ static const char *show(shown *b, const char *s)
     }
     b->s[o] = '\0';
     return b->s;
-}
-
-static const char *json_kind(const json_t *v)
-{
-    switch (json_typeof(v)) {
-    case JSON_OBJECT: return "an object";
-    case JSON_ARRAY: return "an array";
-    case JSON_STRING: return "a string";
-    case JSON_INTEGER: return "an integer";
-    case JSON_REAL: return "a real number";
-    case JSON_TRUE: return "true";
-    case JSON_FALSE: return "false";
-    case JSON_NULL: return "null";
-    }
-    return "a JSON value";
 }
 
 static uint64_t load_le64(const unsigned char *p)
@@ -174,19 +160,8 @@ struct moecal_st_file {
     char *strings;             /* every name, key and value */
 };
 
-static moecal_status fmt_err(const char *label, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-
-/* Record "LABEL: message". */
-static moecal_status fmt_err(const char *label, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    moecal_error_vset(MOECAL_ERR_FORMAT, fmt, ap);
-    va_end(ap);
-    moecal_error_prefix("%s: ", label);
-    return MOECAL_ERR_FORMAT;
-}
+/* Record "LABEL: message": the input is malformed. */
+#define fmt_err(label, ...) moecal_error_in(MOECAL_ERR_FORMAT, (label), __VA_ARGS__)
 
 static moecal_status check_header_len(const char *label, uint64_t file_size, uint64_t n,
                                       uint64_t max_header)
@@ -216,7 +191,7 @@ static moecal_status parse_entry(const char *label, const char *name, json_t *v,
 
     if (!json_is_object(v))
         return fmt_err(label, "tensor '%s': entry is %s, not an object with dtype, shape "
-                       "and data_offsets", show(&sn, name), json_kind(v));
+                       "and data_offsets", show(&sn, name), moecal_json_kind(v));
     json_object_foreach(v, key, val) {
         if (strcmp(key, "dtype") == 0)
             jdtype = val;
@@ -234,7 +209,7 @@ static moecal_status parse_entry(const char *label, const char *name, json_t *v,
 
     if (!json_is_string(jdtype))
         return fmt_err(label, "tensor '%s': dtype is %s, not a string", show(&sn, name),
-                       json_kind(jdtype));
+                       moecal_json_kind(jdtype));
     bits = dtype_lookup(json_string_value(jdtype), &t->dtype, &t->dtype_name);
     if (bits == 0)
         return fmt_err(label, "tensor '%s': unknown dtype '%s'", show(&sn, name),
@@ -242,7 +217,7 @@ static moecal_status parse_entry(const char *label, const char *name, json_t *v,
 
     if (!json_is_array(jshape))
         return fmt_err(label, "tensor '%s': shape is %s, not an array", show(&sn, name),
-                       json_kind(jshape));
+                       moecal_json_kind(jshape));
     if (json_array_size(jshape) > MOECAL_ST_MAX_DIMS) {
         moecal_error_set(MOECAL_ERR_UNSUPPORTED, "%s: tensor '%s': shape has %zu dimensions, "
                          "moecal supports at most %d", label, show(&sn, name),
@@ -254,7 +229,7 @@ static moecal_status parse_entry(const char *label, const char *name, json_t *v,
         json_t *e = json_array_get(jshape, (size_t)d);
         if (!json_is_integer(e))
             return fmt_err(label, "tensor '%s': shape element %d is %s, not a non-negative "
-                           "integer", show(&sn, name), d, json_kind(e));
+                           "integer", show(&sn, name), d, moecal_json_kind(e));
         if (json_integer_value(e) < 0)
             return fmt_err(label, "tensor '%s': shape element %d is %lld, not a non-negative "
                            "integer", show(&sn, name), d, (long long)json_integer_value(e));
@@ -266,13 +241,13 @@ static moecal_status parse_entry(const char *label, const char *name, json_t *v,
                    ? fmt_err(label, "tensor '%s': data_offsets has %zu elements, not [begin, "
                              "end]", show(&sn, name), json_array_size(joffs))
                    : fmt_err(label, "tensor '%s': data_offsets is %s, not [begin, end]",
-                             show(&sn, name), json_kind(joffs));
+                             show(&sn, name), moecal_json_kind(joffs));
     for (int i = 0; i < 2; i++) {
         json_t *e = json_array_get(joffs, (size_t)i);
         if (!json_is_integer(e) || json_integer_value(e) < 0)
             return fmt_err(label, "tensor '%s': data_offsets[%d] is %s, not a non-negative "
                            "integer", show(&sn, name), i,
-                           json_is_integer(e) ? "negative" : json_kind(e));
+                           json_is_integer(e) ? "negative" : moecal_json_kind(e));
         off[i] = (uint64_t)json_integer_value(e);
     }
     t->begin = off[0];
@@ -362,11 +337,11 @@ static moecal_status build(moecal_st_file *f, json_t *root)
                 continue;
             if (!json_is_object(val))
                 return fmt_err(label, "__metadata__ is %s, not an object of strings",
-                               json_kind(val));
+                               moecal_json_kind(val));
             json_object_foreach(val, mk, mv) {
                 if (!json_is_string(mv))
                     return fmt_err(label, "__metadata__ key '%s' has %s value, not a string",
-                                   show(&s1, mk), json_kind(mv));
+                                   show(&s1, mk), moecal_json_kind(mv));
                 strbytes += strlen(mk) + json_string_length(mv) + 2;
             }
             jmeta = val;
@@ -552,7 +527,7 @@ moecal_status moecal_st_parse(const void *buf, size_t len, uint64_t file_size,
         return fmt_err(label, "header is not valid JSON: %s (header byte %d)",
                        show(&sj, jerr.text), jerr.position);
     if (!json_is_object(root)) {
-        st = fmt_err(label, "header is %s, not a JSON object", json_kind(root));
+        st = fmt_err(label, "header is %s, not a JSON object", moecal_json_kind(root));
         json_decref(root);
         return st;
     }
@@ -826,19 +801,8 @@ struct moecal_st_writer {
     uint64_t data_off;
 };
 
-static moecal_status wr_err(const moecal_st_writer *w, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-
 /* Misuse of the writer is a bug in moecal, not in the input. */
-static moecal_status wr_err(const moecal_st_writer *w, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    moecal_error_vset(MOECAL_ERR_INTERNAL, fmt, ap);
-    va_end(ap);
-    moecal_error_prefix("%s: ", w->path);
-    return MOECAL_ERR_INTERNAL;
-}
+#define wr_err(w, ...) moecal_error_in(MOECAL_ERR_INTERNAL, (w)->path, __VA_ARGS__)
 
 /* json_string refuses what is not UTF-8, as readers of the file would. */
 static bool utf8_ok(const char *s)

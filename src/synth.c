@@ -62,6 +62,7 @@
 
 #include "activations.h"
 #include "fp8.h"
+#include "nvfp4_math.h" /* moecal_nv_f2u, moecal_nv_u2f */
 #include "safetensors.h"
 #include "synth.h"
 
@@ -501,30 +502,16 @@ static void gen_act_rows(const moecal_synth_params *p, const model_vals *m, cons
 
 /* ------------------------------------------------------------------ FP8 */
 
-static inline uint32_t f2u(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    return u;
-}
-
-static inline float u2f(uint32_t u)
-{
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
 /* e4m3 of a finite x, as moecal_float_to_e4m3 rounds it (nearest even,
  * saturating at 448), without branches: the normal and subnormal codes are
  * both computed and one is selected. */
 static inline uint8_t e4m3_finite(float x)
 {
-    uint32_t u = f2u(x), a = u & 0x7fffffffu, sign = (u >> 24) & 0x80u;
+    uint32_t u = moecal_nv_f2u(x), a = u & 0x7fffffffu, sign = (u >> 24) & 0x80u;
     /* normal: round the mantissa to 3 bits, rebias the exponent 127 -> 7 */
     uint32_t qn = ((a + 0x7ffffu + ((a >> 20) & 1u)) >> 20) - (120u << 3);
     /* subnormal: round(|x| * 2^9); adding 1.5 * 2^23 rounds to an integer */
-    uint32_t qs = f2u(u2f(a) * 512.0f + 12582912.0f) - 0x4b400000u;
+    uint32_t qs = moecal_nv_f2u(moecal_nv_u2f(a) * 512.0f + 12582912.0f) - 0x4b400000u;
     uint32_t q = a >= 0x3c800000u ? qn : qs;
     q = q > 0x7eu ? 0x7eu : q;
     q = a >= 0x43e00000u ? 0x7eu : q;
@@ -555,14 +542,14 @@ void moecal_synth_quant_fp8(const float *w, size_t rows, size_t cols, uint8_t *q
                     size_t ce = c + FP8_BLOCK < col1 ? c + FP8_BLOCK : col1;
                     uint32_t m = bmax[b];
                     for (; c < ce; c++) {
-                        uint32_t a = f2u(row[c]) & 0x7fffffffu;
+                        uint32_t a = moecal_nv_f2u(row[c]) & 0x7fffffffu;
                         m = a > m ? a : m;
                     }
                     bmax[b] = m;
                 }
             }
             for (size_t b = 0; b < nb; b++) {
-                float m = u2f(bmax[b]);
+                float m = moecal_nv_u2f(bmax[b]);
                 sc[b] = m > 0.0f ? m / 448.0f : 1.0f;
                 scale_inv[(r0 / FP8_BLOCK) * nbc + c0 + b] = sc[b];
             }

@@ -8,6 +8,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <jansson.h>
+
 #include "util.h"
 
 uint64_t moecal_fnv1a(uint64_t h, const void *data, size_t n)
@@ -125,4 +127,66 @@ static int cmp_double(const void *a, const void *b)
 void moecal_sort_doubles(double *x, size_t n)
 {
     qsort(x, n, sizeof *x, cmp_double);
+}
+
+moecal_status moecal_read_file(const char *path, const char *role, size_t limit, char **out,
+                               size_t *len)
+{
+    struct stat st;
+    size_t got = 0;
+    char *buf;
+    int fd;
+
+    *out = NULL;
+    *len = 0;
+    MOECAL_TRY(moecal_open_regular(path, role, &fd));
+    if (fstat(fd, &st) != 0) {
+        int e = errno;
+        close(fd);
+        return moecal_error_errno(e, "%s: cannot stat", path);
+    }
+    if ((uint64_t)st.st_size > limit) {
+        close(fd);
+        return moecal_error_set(MOECAL_ERR_FORMAT, "%s: %llu bytes is more than the %zu "
+                                "allowed for %s", path, (unsigned long long)st.st_size, limit,
+                                role);
+    }
+    if (!(buf = malloc((size_t)st.st_size + 1))) {
+        close(fd);
+        return moecal_error_set(MOECAL_ERR_NOMEM, "%s: out of memory", path);
+    }
+    while (got < (size_t)st.st_size) {
+        ssize_t n = read(fd, buf + got, (size_t)st.st_size - got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0) {
+            int e = errno;
+            free(buf);
+            close(fd);
+            return moecal_error_errno(e, "%s: read failed", path);
+        }
+        if (n == 0)
+            break; /* shrank under us: what is there */
+        got += (size_t)n;
+    }
+    close(fd);
+    buf[got] = '\0';
+    *out = buf;
+    *len = got;
+    return MOECAL_OK;
+}
+
+const char *moecal_json_kind(const json_t *v)
+{
+    switch (json_typeof(v)) {
+    case JSON_OBJECT: return "an object";
+    case JSON_ARRAY: return "an array";
+    case JSON_STRING: return "a string";
+    case JSON_INTEGER: return "an integer";
+    case JSON_REAL: return "a real number";
+    case JSON_TRUE: return "true";
+    case JSON_FALSE: return "false";
+    case JSON_NULL: return "null";
+    }
+    return "a JSON value";
 }

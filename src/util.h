@@ -22,6 +22,18 @@ moecal_status moecal_check_regular(const char *path, const char *role);
  * the open itself fails, errno is left as open set it. */
 moecal_status moecal_open_regular(const char *path, const char *role, int *fd);
 
+/* The whole regular file path (opened as moecal_open_regular does, role
+ * naming it in messages) into *out, NUL-terminated, *len bytes; a file over
+ * limit bytes is MOECAL_ERR_FORMAT.  A file that shrinks while read gives
+ * what was there.  free() *out. */
+moecal_status moecal_read_file(const char *path, const char *role, size_t limit, char **out,
+                               size_t *len);
+
+/* "an object", "a string", ... for a JSON value (jansson's json_t), in
+ * messages about what a file holds where something else was expected. */
+struct json_t;
+const char *moecal_json_kind(const struct json_t *v);
+
 /* FNV-1a, 64 bits: h (start with MOECAL_FNV_BASIS) updated with n bytes. */
 #define MOECAL_FNV_BASIS 1469598103934665603ULL
 uint64_t moecal_fnv1a(uint64_t h, const void *data, size_t n);
