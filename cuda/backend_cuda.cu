@@ -858,20 +858,8 @@ moecal_status cuda_create(const moecal_backend_config *cfg, moecal_backend **out
     moecal_backend *b;
 
     *out = NULL;
-    if (cfg == NULL || cfg->model == NULL)
-        return moecal_error_set(MOECAL_ERR_INTERNAL, "cuda backend: no configuration");
+    MOECAL_TRY(moecal_backend_check_config(cfg, "cuda"));
     m = cfg->model;
-    MOECAL_TRY(moecal_router_check(m));
-    if (m->hidden_size < 1 || m->moe_intermediate_size < 1)
-        return moecal_error_set(MOECAL_ERR_INTERNAL, "cuda backend: hidden size %d, "
-                                "intermediate size %d", m->hidden_size,
-                                m->moe_intermediate_size);
-    if (cfg->e0 < 0 || cfg->e1 < cfg->e0 || cfg->e1 > m->n_routed_experts)
-        return moecal_error_set(MOECAL_ERR_INTERNAL, "cuda backend: expert range [%d, %d) "
-                                "outside [0, %d)", cfg->e0, cfg->e1, m->n_routed_experts);
-    if (cfg->max_chunk_tokens < 1 || cfg->max_chunk_tokens > INT32_MAX)
-        return moecal_error_set(MOECAL_ERR_USAGE, "cuda backend: chunk of %lld tokens "
-                                "(1 to %d)", (long long)cfg->max_chunk_tokens, INT32_MAX);
 
     b = (moecal_backend *)calloc(1, sizeof *b);
     if (b == NULL)

@@ -56,15 +56,13 @@ static moecal_status attr_int(hid_t f, const char *path, const char *name, int r
         return MOECAL_OK;
     if (ex <= 0)
         return moecal_error_set(MOECAL_ERR_FORMAT, "%s: root attribute '%s' missing", path, name);
-    a = H5Aopen(f, name, H5P_DEFAULT);
-    if (a < 0)
-        return moecal_error_set(MOECAL_ERR_HDF5, "%s: cannot open attribute '%s'", path, name);
+    MOECAL_H5_CHECK(path, a = H5Aopen(f, name, H5P_DEFAULT));
     t = H5Aget_type(a);
     if (t < 0 || H5Tget_class(t) != H5T_INTEGER || attr_npoints(a) != 1)
         s = moecal_error_set(MOECAL_ERR_FORMAT, "%s: attribute '%s' is not an integer", path,
                              name);
     else if (H5Aread(a, H5T_NATIVE_INT64, v) < 0)
-        s = moecal_error_set(MOECAL_ERR_HDF5, "%s: cannot read attribute '%s'", path, name);
+        s = moecal_h5_fail(path, "reading attribute '%s'", name);
     if (t >= 0)
         H5Tclose(t);
     H5Aclose(a);
@@ -194,8 +192,7 @@ static moecal_status dset_read(hid_t f, const char *path, const char *name, H5T_
     MOECAL_TRY(dset_open(f, path, name, cls, nd, want, shape_desc, dims, &d));
     s = alloc_for(path, name, n, H5Tget_size(mtype), out);
     if (s == MOECAL_OK && n > 0 && H5Dread(d, mtype, H5S_ALL, H5S_ALL, H5P_DEFAULT, *out) < 0)
-        s = moecal_error_set(MOECAL_ERR_HDF5, "%s: cannot read dataset '%s' (damaged file?)",
-                             path, name);
+        s = moecal_h5_fail(path, "reading dataset '%s'", name);
     H5Dclose(d);
     if (s != MOECAL_OK) {
         free(*out);
@@ -234,7 +231,7 @@ static moecal_status check_projections(hid_t f, const char *path)
     if (is_vl) {
         H5Tset_size(mt, H5T_VARIABLE);
         if (H5Dread(d, mt, H5S_ALL, H5S_ALL, H5P_DEFAULT, vl) < 0)
-            s = moecal_error_set(MOECAL_ERR_HDF5, "%s: cannot read dataset 'projections'", path);
+            s = moecal_h5_fail(path, "reading dataset 'projections'");
     } else if (t < 0 || H5Tget_size(t) >= sizeof fixed[0]) {
         s = moecal_error_set(MOECAL_ERR_FORMAT, "%s: dataset 'projections' holds strings "
                              "longer than expected (w1, w2, w3)", path);
@@ -243,7 +240,7 @@ static moecal_status check_projections(hid_t f, const char *path)
         H5Tset_strpad(mt, H5T_STR_NULLTERM);
         memset(fixed, 0, sizeof fixed);
         if (H5Dread(d, mt, H5S_ALL, H5S_ALL, H5P_DEFAULT, fixed) < 0)
-            s = moecal_error_set(MOECAL_ERR_HDF5, "%s: cannot read dataset 'projections'", path);
+            s = moecal_h5_fail(path, "reading dataset 'projections'");
     }
     for (int p = 0; p < 3 && s == MOECAL_OK; p++) {
         const char *got = is_vl ? (vl[p] ? vl[p] : "") : fixed[p];

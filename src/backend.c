@@ -7,12 +7,14 @@
 #include "config.h"
 
 #include <stddef.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "backend.h"
 #include "options.h"
+#include "router.h"
 
 static const moecal_backend_ops *const registry[] = {
 #ifdef HAVE_CUDA
@@ -95,4 +97,28 @@ char *moecal_backend_settings(const moecal_backend_ops *ops, const moecal_opts *
                                  v ? v : "unset");
     }
     return out;
+}
+
+moecal_status moecal_backend_check_config(const moecal_backend_config *cfg, const char *name)
+{
+    const moecal_model_config *m;
+
+    if (cfg == NULL || cfg->model == NULL)
+        return moecal_error_set(MOECAL_ERR_INTERNAL, "%s backend: no configuration", name);
+    m = cfg->model;
+    MOECAL_TRY(moecal_router_check(m));
+    if (m->hidden_size < 1 || m->moe_intermediate_size < 1)
+        return moecal_error_set(MOECAL_ERR_INTERNAL, "%s backend: hidden size %d, "
+                                "intermediate size %d", name, m->hidden_size,
+                                m->moe_intermediate_size);
+    if (cfg->e0 < 0 || cfg->e1 < cfg->e0 || cfg->e1 > m->n_routed_experts)
+        return moecal_error_set(MOECAL_ERR_INTERNAL, "%s backend: expert range [%d, %d) "
+                                "outside [0, %d)", name, cfg->e0, cfg->e1,
+                                m->n_routed_experts);
+    if (cfg->max_chunk_tokens < 1 || cfg->max_chunk_tokens > INT32_MAX)
+        return moecal_error_set(MOECAL_ERR_USAGE, "%s backend: chunk of %lld tokens "
+                                "(1 to %d)", name, (long long)cfg->max_chunk_tokens, INT32_MAX);
+    if (cfg->threads < 0)
+        return moecal_error_set(MOECAL_ERR_USAGE, "%s backend: %d threads", name, cfg->threads);
+    return MOECAL_OK;
 }

@@ -125,6 +125,10 @@ typedef struct moecal_backend_ops {
 
 /* Registry. */
 const moecal_backend_ops *moecal_backend_find(const char *name);  /* "cpu", "cuda" */
+/* The checks every backend's create makes of cfg (a configuration, the
+ * router's settings, sizes, the expert range, the chunk size, threads);
+ * name prefixes the message. */
+moecal_status moecal_backend_check_config(const moecal_backend_config *cfg, const char *name);
 /* "auto": cuda when compiled in and a GPU is present, else cpu. */
 const moecal_backend_ops *moecal_backend_auto(void);
 /* defs (ended by MOECAL_OPT_END) followed by every registered backend's

@@ -1,10 +1,35 @@
 /* h5util.c - HDF5 helpers shared by the readers of moecal's files. */
 #include "config.h"
 
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "h5util.h"
+
+/* The innermost (last walked, most specific) description on the stack. */
+static herr_t last_desc(unsigned n, const H5E_error2_t *e, void *data)
+{
+    (void)n;
+    if (e && e->desc && *e->desc)
+        snprintf((char *)data, 256, "%s: %s", e->func_name ? e->func_name : "?", e->desc);
+    return 0;
+}
+
+moecal_status moecal_h5_fail(const char *where, const char *fmt, ...)
+{
+    char desc[256] = "", what[512];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(what, sizeof what, fmt, ap);
+    va_end(ap);
+    H5Ewalk2(H5E_DEFAULT, H5E_WALK_UPWARD, last_desc, desc);
+    if (desc[0])
+        return moecal_error_set(MOECAL_ERR_HDF5, "%s: %s failed (HDF5: %s)", where, what, desc);
+    return moecal_error_set(MOECAL_ERR_HDF5, "%s: %s failed", where, what);
+}
 
 moecal_status moecal_h5_attr_str(hid_t obj, const char *path, const char *name, bool required,
                                  char *buf, size_t len, bool *found)

@@ -19,4 +19,19 @@
 moecal_status moecal_h5_attr_str(hid_t obj, const char *path, const char *name, bool required,
                                  char *buf, size_t len, bool *found);
 
+/* Record MOECAL_ERR_HDF5 "WHERE: WHAT failed" (WHAT formatted from fmt),
+ * with the innermost message of HDF5's error stack when it has one ("...
+ * (HDF5: H5Dread: can't read data)"), and return it.  moecal turns HDF5's
+ * printing of the stack off. */
+moecal_status moecal_h5_fail(const char *where, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/* Evaluate an HDF5 call once; a negative result returns moecal_h5_fail(where,
+ * "the call") from the enclosing function (as CUDA_CHECK does for CUDA). */
+#define MOECAL_H5_CHECK(where, call)                    \
+    do {                                                \
+        if ((call) < 0)                                 \
+            return moecal_h5_fail((where), "%s", #call); \
+    } while (0)
+
 #endif

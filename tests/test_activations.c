@@ -25,6 +25,7 @@
 
 #include "activations.h"
 #include "fp8.h"
+#include "h5util.h"
 
 static char tmpdir[256];
 
@@ -641,6 +642,27 @@ static int rmtree(const char *dir)
     return system(cmd);
 }
 
+/* moecal_h5_fail and MOECAL_H5_CHECK: HDF5's own reason in the message. */
+static moecal_status open_missing(const char *path)
+{
+    hid_t f;
+    MOECAL_H5_CHECK(path, f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT));
+    H5Fclose(f);
+    return MOECAL_OK;
+}
+
+static void test_h5_fail(void **state)
+{
+    (void)state;
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    assert_int_equal(open_missing("/nonexistent/moecal.h5"), MOECAL_ERR_HDF5);
+    const char *m = moecal_error_message();
+    assert_non_null(strstr(m, "/nonexistent/moecal.h5: f = H5Fopen(path, H5F_ACC_RDONLY, "
+                              "H5P_DEFAULT) failed (HDF5: "));
+    assert_int_equal(moecal_h5_fail("a.h5", "reading dataset '%s'", "x"), MOECAL_ERR_HDF5);
+    assert_non_null(strstr(moecal_error_message(), "a.h5: reading dataset 'x' failed"));
+}
+
 int main(int argc, char **argv)
 {
     const struct CMUnitTest tests[] = {
@@ -659,6 +681,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_no_layers),
         cmocka_unit_test(test_bad_rank),
         cmocka_unit_test(test_mismatched_shapes),
+        cmocka_unit_test(test_h5_fail),
         cmocka_unit_test(test_bad_dtype),
         cmocka_unit_test(test_bad_names),
         cmocka_unit_test(test_not_hdf5),
