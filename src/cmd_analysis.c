@@ -118,7 +118,7 @@ static const char compare_summary[] =
     "Typical use: a top-k run (A) against an all-experts run (B).  Serial; runs\n"
     "with or without mpiexec.";
 
-static const moecal_optdef compare_optdefs[] = {
+const moecal_optdef moecal_compare_options[] = {
     {"json", 0, MOECAL_OPT_FLAG, "0", NULL, NULL, "print the comparison as JSON", 0, 0, 0},
     {"calibrated", 0, MOECAL_OPT_FLAG, "0", NULL, NULL,
      "compare input_amax_calibrated (before the peer-max sync) instead of input_amax",
@@ -460,7 +460,7 @@ int moecal_cmd_compare(int argc, char **argv)
     moecal_opts *o = NULL;
     moecal_status s = MOECAL_OK;
 
-    if (parse_opts("compare", compare_optdefs, "A.h5 B.h5", compare_summary, 2, argc, argv, &o))
+    if (parse_opts("compare", moecal_compare_options, "A.h5 B.h5", compare_summary, 2, argc, argv, &o))
         return 0;
     if (moecal_world_rank() == 0)
         s = compare_run(o);
@@ -479,7 +479,7 @@ static const char report_summary[] =
     "be too small), and the largest input and weight amax per layer and projection.\n"
     "Serial; runs with or without mpiexec.";
 
-static const moecal_optdef report_optdefs[] = {
+const moecal_optdef moecal_report_options[] = {
     {"json", 0, MOECAL_OPT_FLAG, "0", NULL, NULL, "print the report as JSON", 0, 0, 0},
     {"cold-fraction", 0, MOECAL_OPT_FLOAT, "0.1", NULL, "F",
      "an expert is cold when routed fewer than F x the layer's mean tokens per expert",
@@ -822,7 +822,7 @@ int moecal_cmd_report(int argc, char **argv)
     moecal_status s = MOECAL_OK;
     moecal_report_cfg rc;
 
-    if (parse_opts("report", report_optdefs, "OUT.h5", report_summary, 1, argc, argv, &o))
+    if (parse_opts("report", moecal_report_options, "OUT.h5", report_summary, 1, argc, argv, &o))
         return 0;
     /* ranges checked by the option table */
     rc.cold = moecal_opts_float(o, "cold-fraction");

@@ -11,7 +11,7 @@
 #include "runtime.h"
 
 
-static const moecal_optdef defs[] = {
+const moecal_optdef moecal_export_options[] = {
     {"model", 'm', MOECAL_OPT_STRING, NULL, NULL, "DIR",
      "the Hugging Face checkpoint that was calibrated (FP8 or BF16)", 0, 0, 0},
     {"amax", 0, MOECAL_OPT_STRING, NULL, NULL, "FILE",
@@ -43,7 +43,7 @@ int moecal_cmd_export(int argc, char **argv)
     moecal_export_params p;
     moecal_status s;
 
-    o = moecal_cmd_begin("export", defs, NULL, summary, 0, NULL, argc, argv);
+    o = moecal_cmd_begin("export", moecal_export_options, NULL, summary, 0, NULL, argc, argv);
     if (!o)
         return 0;
     moecal_set_verbosity_from(o);

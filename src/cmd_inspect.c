@@ -37,7 +37,7 @@
 #define MAX_INDEX_BYTES (256u << 20)
 #define SHOW_MISSING 10
 
-static const moecal_optdef defs[] = {
+const moecal_optdef moecal_inspect_options[] = {
     {"json", 'j', MOECAL_OPT_FLAG, "0", NULL, NULL, "print one JSON object instead of text", 0,
      0, 0},
     MOECAL_OPT_END
@@ -963,7 +963,7 @@ int moecal_cmd_inspect(int argc, char **argv)
     bool complete = true;
     int rc = 0;
 
-    o = moecal_cmd_begin("inspect", defs, "PATH", summary, 1, NULL, argc, argv);
+    o = moecal_cmd_begin("inspect", moecal_inspect_options, "PATH", summary, 1, NULL, argc, argv);
     if (!o)
         return 0;
     /* Rank 0 reads and prints; the others wait for its status. */

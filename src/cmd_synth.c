@@ -15,7 +15,7 @@
 
 
 /* Sizes default to the preset's: STRING options whose default is "preset". */
-static const moecal_optdef defs[] = {
+const moecal_optdef moecal_synth_options[] = {
     {"output", 'o', MOECAL_OPT_STRING, NULL, NULL, "DIR",
      "model directory to write (required; created if missing)", MOECAL_OPTF_NOENV, 0, 0},
     {"preset", 'p', MOECAL_OPT_CHOICE, "demo", "demo|tiny|deepseek-v3-layer", "NAME",
@@ -162,7 +162,7 @@ int moecal_cmd_synth(int argc, char **argv)
     moecal_status s;
     const char *out;
 
-    o = moecal_cmd_begin("synth", defs, NULL, summary, 0, NULL, argc, argv);
+    o = moecal_cmd_begin("synth", moecal_synth_options, NULL, summary, 0, NULL, argc, argv);
     if (!o)
         return 0;
     out = moecal_opts_str(o, "output");

@@ -19,7 +19,7 @@ static const char summary[] =
     "HWLOC_XMLFILE or HWLOC_SYNTHETIC plan the placement on another topology (nothing\n"
     "is bound then); MOECAL_FAKE_NODES=N splits each node into N fake nodes.";
 
-static const moecal_optdef topo_optdefs[] = {
+const moecal_optdef moecal_topo_options[] = {
     {"bind", 0, MOECAL_OPT_FLAG, "1", NULL, NULL,
      "bind each rank as calibrate would (--no-bind: plan only)", 0, 0, 0},
     {"json", 0, MOECAL_OPT_FLAG, "0", NULL, NULL,
@@ -65,7 +65,7 @@ int moecal_cmd_topo(int argc, char **argv)
     moecal_place_opts po = {0};
     char source[600];
 
-    o = moecal_cmd_begin("topo", topo_optdefs, NULL, summary, 0, NULL, argc, argv);
+    o = moecal_cmd_begin("topo", moecal_topo_options, NULL, summary, 0, NULL, argc, argv);
     if (!o)
         return 0;
 

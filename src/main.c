@@ -3,8 +3,10 @@
 
 #include <mpi.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
+#include "backend.h"
 #include "commands.h"
 #include "runtime.h"
 
@@ -12,18 +14,39 @@ typedef struct command {
     const char *name;
     int (*run)(int argc, char **argv);
     const char *summary;
+    const moecal_optdef *options;
 } command;
 
 static const command commands[] = {
-    {"calibrate", moecal_cmd_calibrate, "calibrate expert amax over MPI (the main job)"},
-    {"synth", moecal_cmd_synth, "write a synthetic DeepSeek-V3-style checkpoint and activations"},
-    {"inspect", moecal_cmd_inspect, "describe a checkpoint, activation or amax file"},
-    {"topo", moecal_cmd_topo, "show where each rank runs: host, cores, NUMA node, GPU"},
-    {"compare", moecal_cmd_compare, "compare two amax files"},
-    {"report", moecal_cmd_report, "routing and convergence statistics of an amax file"},
-    {"export", moecal_cmd_export, "write an NVFP4 checkpoint from a checkpoint and its amax file"},
-    {NULL, NULL, NULL}
+    {"calibrate", moecal_cmd_calibrate, "calibrate expert amax over MPI (the main job)",
+     moecal_calibrate_options},
+    {"synth", moecal_cmd_synth, "write a synthetic DeepSeek-V3-style checkpoint and activations",
+     moecal_synth_options},
+    {"inspect", moecal_cmd_inspect, "describe a checkpoint, activation or amax file",
+     moecal_inspect_options},
+    {"topo", moecal_cmd_topo, "show where each rank runs: host, cores, NUMA node, GPU",
+     moecal_topo_options},
+    {"compare", moecal_cmd_compare, "compare two amax files", moecal_compare_options},
+    {"report", moecal_cmd_report, "routing and convergence statistics of an amax file",
+     moecal_report_options},
+    {"export", moecal_cmd_export, "write an NVFP4 checkpoint from a checkpoint and its amax file",
+     moecal_export_options},
+    {NULL, NULL, NULL, NULL}
 };
+
+/* `moecal --man-options` (the build writes it into the man page): every
+ * command's options as groff, from the tables --help prints, calibrate's
+ * with the backends' settings.  No MPI. */
+static int man_options(void)
+{
+    for (const command *c = commands; c->name; c++) {
+        moecal_optdef *all = strcmp(c->name, "calibrate") == 0
+                                 ? moecal_backend_add_options(c->options) : NULL;
+        moecal_opts_man(c->name, all ? all : c->options, stdout);
+        free(all);
+    }
+    return fflush(stdout) == 0 && !ferror(stdout) ? 0 : 1;
+}
 
 static void usage(FILE *fp)
 {
@@ -62,6 +85,8 @@ int main(int argc, char **argv)
         usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
     }
+    if (strcmp(argv[1], "--man-options") == 0)
+        return man_options();
     if (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "-V") == 0) {
         version();
         return 0;

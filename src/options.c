@@ -595,6 +595,64 @@ void moecal_opts_usage(const char *cmd, const moecal_optdef *defs, const char *p
     fprintf(fp, "  %-34s %s\n", "-h, --help", "print this help and exit");
 }
 
+/* Text for groff: backslashes doubled as \e, a leading dot or quote
+ * protected; dashes in option names are minus signs (\-). */
+static void man_text(FILE *fp, const char *t, bool minus)
+{
+    if (*t == '.' || *t == '\'')
+        fputs("\\&", fp);
+    for (; *t; t++) {
+        if (*t == '\\')
+            fputs("\\e", fp);
+        else if (*t == '-' && minus)
+            fputs("\\-", fp);
+        else
+            fputc(*t, fp);
+    }
+}
+
+void moecal_opts_man(const char *cmd, const moecal_optdef *defs, FILE *fp)
+{
+    fprintf(fp, ".SS \"moecal %s\"\n", cmd);
+    for (int i = 0; defs[i].name; i++) {
+        const moecal_optdef *d = &defs[i];
+        const char *mv = d->type == MOECAL_OPT_FLAG ? "" :
+                         d->metavar ? d->metavar :
+                         d->type == MOECAL_OPT_CHOICE ? d->choices : "VALUE";
+        char env[128];
+
+        fputs(".TP\n", fp);
+        if (d->short_name)
+            fprintf(fp, "\\fB\\-%c\\fR, ", d->short_name);
+        fputs("\\fB\\-\\-", fp);
+        man_text(fp, d->name, true);
+        fputs("\\fR", fp);
+        if (*mv) {
+            fputs(" \\fI", fp);
+            man_text(fp, mv, false);
+            fputs("\\fR", fp);
+        }
+        fputc('\n', fp);
+        man_text(fp, d->help ? d->help : "", false);
+        if (d->type == MOECAL_OPT_CHOICE && d->metavar) {
+            fputs(" (", fp);
+            man_text(fp, d->choices, false);
+            fputc(')', fp);
+        }
+        if (d->def && d->type != MOECAL_OPT_FLAG) {
+            fputs("; default ", fp);
+            man_text(fp, d->def, false);
+        }
+        if (!(d->flags & MOECAL_OPTF_NOENV)) {
+            env_name(d->name, env, sizeof env);
+            fprintf(fp, "; environment \\fB%s\\fR", env);
+        }
+        if (d->flags & MOECAL_OPTF_NOCONF)
+            fputs("; not read from a conf file", fp);
+        fputs(".\n", fp);
+    }
+}
+
 char *moecal_opts_serialize(const moecal_opts *o, size_t *len)
 {
     size_t n = 0;

@@ -85,6 +85,9 @@ const char *moecal_opts_pos(const moecal_opts *o, int i);
 void moecal_opts_usage(const char *cmd, const moecal_optdef *defs,
                        const char *positional_usage, const char *summary, FILE *fp);
 void moecal_opts_dump(const moecal_opts *o, FILE *fp);   /* --print-config */
+/* The table as a groff section of the man page (.SS "moecal CMD", .TP per
+ * option): what --help says, for `moecal --man-options`. */
+void moecal_opts_man(const char *cmd, const moecal_optdef *defs, FILE *fp);
 
 /* The effective values as one buffer ("name\0value\0" per option, unset
  * as "\1"), to compare what ranks resolved; free() it. */
