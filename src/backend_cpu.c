@@ -54,6 +54,7 @@
 #include "backend.h"
 #include "route_math.h"
 #include "router.h"
+#include "util.h"
 
 /* "#pragma omp parallel for CLAUSES", and nothing in builds without OpenMP */
 #ifdef _OPENMP
@@ -116,13 +117,6 @@ struct moecal_backend {
 
     double t[MOECAL_NPHASE];
 };
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 static int thread_id(void)
 {
@@ -537,11 +531,11 @@ static moecal_status cpu_run_chunk(moecal_backend *b, const uint16_t *x, int64_t
 
     /* 1. widen the rows that are not skipped, compacted in token order;
      * 2. route them (top-k mode) */
-    t0 = now();
+    t0 = moecal_now();
     nvalid = widen_rows(b, x, ntok, skip);
     if (!b->all_experts && nvalid > 0)
         route_rows(b, nvalid);
-    t1 = now();
+    t1 = moecal_now();
     b->t[MOECAL_PHASE_ROUTE] += t1 - t0;
     t0 = t1;
 
@@ -604,7 +598,7 @@ static moecal_status cpu_run_chunk(moecal_backend *b, const uint16_t *x, int64_t
             it->end = p + ROW_BLOCK < last ? p + ROW_BLOCK : last;
         }
     }
-    t1 = now();
+    t1 = moecal_now();
     b->t[MOECAL_PHASE_GATHER] += t1 - t0;
     t0 = t1;
     for (int i = 0; i < b->nthreads; i++)
@@ -616,7 +610,7 @@ OMP_PARALLEL_FOR(num_threads(b->nthreads) schedule(dynamic, 1))
         thread_buf *tb = &b->tb[thread_id()];
         int64_t nr = it->end - it->begin;
         const float *a;
-        double s0 = now(), s1;
+        double s0 = moecal_now(), s1;
 
         if (b->all_experts) {
             a = b->xf + (size_t)it->begin * H;
@@ -626,19 +620,19 @@ OMP_PARALLEL_FOR(num_threads(b->nthreads) schedule(dynamic, 1))
                 memcpy(tb->xg + (size_t)r * H, b->xf + (size_t)rows[r] * H, H * sizeof(float));
             a = tb->xg;
         }
-        s1 = now();
+        s1 = moecal_now();
         tb->t[MOECAL_PHASE_GATHER] += s1 - s0;
         s0 = s1;
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nr, (int)I2, (int)H, 1.0f,
                     a, (int)H, b->w13 + (size_t)it->expert * I2 * H, (int)H, 0.0f, tb->ab,
                     (int)I2);
-        s1 = now();
+        s1 = moecal_now();
         tb->t[MOECAL_PHASE_GEMM] += s1 - s0;
         s0 = s1;
         it->amax_h = activation_amax(tb->ab, nr, NI, &it->nan);
-        tb->t[MOECAL_PHASE_ACT] += now() - s0;
+        tb->t[MOECAL_PHASE_ACT] += moecal_now() - s0;
     }
-    t1 = now();
+    t1 = moecal_now();
 
     /* apportion the parallel section's wall time by the threads' busy time */
     {

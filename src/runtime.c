@@ -256,13 +256,6 @@ void moecal_warn(const char *fmt, ...)
     fprintf(stderr, "moecal: warning: rank %d (%s): %s\n", world_rank, host, buf);
 }
 
-double moecal_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 static volatile sig_atomic_t pending_signal = 0;
 
 static void on_signal(int sig)

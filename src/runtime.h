@@ -11,6 +11,7 @@
 #include <stdbool.h>
 
 #include "error.h"
+#include "util.h" /* moecal_now */
 
 #ifdef __cplusplus
 extern "C" {
@@ -64,7 +65,6 @@ void moecal_log_all(int level, const char *fmt, ...) __attribute__((format(print
 /* Warnings are printed by the rank that has them, whatever the verbosity. */
 void moecal_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
-double moecal_now(void);
 
 /* SIGTERM and SIGUSR1 set a flag (the job checkpoints and exits with
  * MOECAL_EXIT_REQUEUE at the next chunk boundary); returns the signal or 0. */

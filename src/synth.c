@@ -65,6 +65,7 @@
 #include "nvfp4_math.h" /* moecal_nv_f2u, moecal_nv_u2f */
 #include "safetensors.h"
 #include "synth.h"
+#include "util.h"
 
 #define FP8_BLOCK 128
 #define GOLDEN 0x9e3779b97f4a7c15ULL
@@ -995,13 +996,6 @@ typedef struct progress {
     double t0, layer_t0, last_draw;
 } progress;
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 static void human_bytes(double b, char *buf, size_t len)
 {
     const char *u[] = {"B", "kB", "MB", "GB", "TB"};
@@ -1015,7 +1009,7 @@ static void human_bytes(double b, char *buf, size_t len)
 
 static void progress_draw(progress *pg, const char *what, bool force)
 {
-    double t = now_s(), frac, rate;
+    double t = moecal_now(), frac, rate;
     char done[32], tot[32];
     int width = 30, fill;
 
@@ -1038,7 +1032,7 @@ static void progress_line(progress *pg, const char *fmt, ...) __attribute__((for
 static void progress_line(progress *pg, const char *fmt, ...)
 {
     va_list ap;
-    double t = now_s(), dt = t - pg->layer_t0;
+    double t = moecal_now(), dt = t - pg->layer_t0;
     uint64_t b = pg->done - pg->layer_start_bytes;
     char bs[32];
 
@@ -1618,7 +1612,7 @@ moecal_status moecal_synth_write(const char *dir, const moecal_synth_params *p, 
 {
     synth_ctx c;
     moecal_status st;
-    double t0 = now_s();
+    double t0 = moecal_now();
 
     if (!dir || !*dir || !p)
         return moecal_error_set(MOECAL_ERR_INTERNAL, "moecal_synth_write: null argument");
@@ -1673,7 +1667,7 @@ out:
         res->shards = c.nshards;
         res->weight_bytes = c.total;
         res->act_bytes = c.pg.total - c.total;
-        res->seconds = now_s() - t0;
+        res->seconds = moecal_now() - t0;
     }
     return MOECAL_OK;
 }

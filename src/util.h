@@ -34,6 +34,9 @@ moecal_status moecal_read_file(const char *path, const char *role, size_t limit,
 struct json_t;
 const char *moecal_json_kind(const struct json_t *v);
 
+/* Seconds on the monotonic clock (the one clock of every timing). */
+double moecal_now(void);
+
 /* FNV-1a, 64 bits: h (start with MOECAL_FNV_BASIS) updated with n bytes. */
 #define MOECAL_FNV_BASIS 1469598103934665603ULL
 uint64_t moecal_fnv1a(uint64_t h, const void *data, size_t n);
