@@ -460,7 +460,8 @@ int moecal_cmd_compare(int argc, char **argv)
     moecal_opts *o = NULL;
     moecal_status s = MOECAL_OK;
 
-    if (parse_opts("compare", moecal_compare_options, "A.h5 B.h5", compare_summary, 2, argc, argv, &o))
+    if (parse_opts("compare", moecal_compare_options, "A.h5 B.h5", compare_summary, 2, argc,
+                   argv, &o))
         return 0;
     if (moecal_world_rank() == 0)
         s = compare_run(o);

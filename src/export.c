@@ -397,7 +397,8 @@ static moecal_status expert_scales(const job *j, const out_tensor *o, float *s2,
     float x = amax_at(j, ia, li, e, p);
 
     if (p != MOECAL_W2 &&
-        moecal_nv_f2u(amax_at(j, ia, li, e, MOECAL_W1)) != moecal_nv_f2u(amax_at(j, ia, li, e, MOECAL_W3)))
+        moecal_nv_f2u(amax_at(j, ia, li, e, MOECAL_W1)) !=
+            moecal_nv_f2u(amax_at(j, ia, li, e, MOECAL_W3)))
         return moecal_error_set(MOECAL_ERR_FORMAT, "%s: layer %d expert %d: gate and up input "
                                 "amax differ (%.9g, %.9g) but see the same input",
                                 j->p->amax_path, layer, e,
@@ -611,7 +612,8 @@ static moecal_status open_shard(job *j, size_t i, const plan *pl, moecal_st_writ
     char path[8400];
     moecal_status st;
 
-    snprintf(path, sizeof path, "%s/%s", j->tmp, moecal_model_shard_name(j->model, i));
+    MOECAL_TRY(moecal_path_join(path, sizeof path, j->tmp,
+                                moecal_model_shard_name(j->model, i)));
     MOECAL_TRY(moecal_st_writer_create(path, &w));
     st = MOECAL_OK;
     for (size_t k = 0; k < pl->n && st == MOECAL_OK; k++)
@@ -722,7 +724,7 @@ static moecal_status write_text(const char *dir, const char *name, const char *t
     char path[8400];
     FILE *fp;
 
-    snprintf(path, sizeof path, "%s/%s", dir, name);
+    MOECAL_TRY(moecal_path_join(path, sizeof path, dir, name));
     fp = fopen(path, "w");
     if (!fp)
         return moecal_error_errno(errno, "%s: cannot create", path);
@@ -933,11 +935,12 @@ static moecal_status side_files(job *j, const plan *plans, size_t nplans)
             strcmp(n, "config.json") == 0 || strcmp(n, "hf_quant_config.json") == 0 ||
             ends_with(n, ".h5") || ends_with(n, ".hdf5") || ends_with(n, TMP_SUFFIX))
             continue; /* activation and amax files are moecal's, not the model's */
-        snprintf(path, sizeof path, "%s/%s", src, n);
+        if ((st = moecal_path_join(path, sizeof path, src, n)) != MOECAL_OK)
+            break;
         if (stat(path, &sb) != 0 || !S_ISREG(sb.st_mode))
             continue;
-        snprintf(dst, sizeof dst, "%s/%s", j->tmp, n);
-        if ((st = copy_file(path, dst)) != MOECAL_OK)
+        if ((st = moecal_path_join(dst, sizeof dst, j->tmp, n)) != MOECAL_OK ||
+            (st = copy_file(path, dst)) != MOECAL_OK)
             break;
     }
     closedir(d);

@@ -1202,7 +1202,7 @@ static moecal_status open_shard(synth_ctx *c, int s)
     moecal_status st;
 
     shard_name(s, c->nshards, name, sizeof name);
-    snprintf(path, sizeof path, "%s/%s", c->dir, name);
+    MOECAL_TRY(moecal_path_join(path, sizeof path, c->dir, name));
     MOECAL_TRY(moecal_st_writer_create(path, &c->w));
     /* The writer writes PATH.tmp; a second descriptor of it serves only
      * sync_file_range (advisory: without it the final fsync does the work). */

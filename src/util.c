@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -197,4 +198,17 @@ double moecal_now(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+moecal_status moecal_path_join(char *buf, size_t n, const char *dir, const char *name)
+{
+    int len = snprintf(buf, n, "%s/%s", dir, name);
+
+    if (len < 0 || (size_t)len >= n) {
+        if (n)
+            buf[0] = '\0';
+        return moecal_error_set(MOECAL_ERR_USAGE, "%s/%s: a path of %d bytes, more than the %zu "
+                                "this build allows", dir, name, len, n ? n - 1 : 0);
+    }
+    return MOECAL_OK;
 }

@@ -34,6 +34,10 @@ moecal_status moecal_read_file(const char *path, const char *role, size_t limit,
 struct json_t;
 const char *moecal_json_kind(const struct json_t *v);
 
+/* "DIR/NAME" into buf[n]; a path that does not fit is MOECAL_ERR_USAGE
+ * naming both parts and the limit, never a truncated path. */
+moecal_status moecal_path_join(char *buf, size_t n, const char *dir, const char *name);
+
 /* Seconds on the monotonic clock (the one clock of every timing). */
 double moecal_now(void);
 
