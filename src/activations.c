@@ -214,46 +214,6 @@ static moecal_status read_str_attr(const char *path, hid_t obj, const char *name
     return moecal_h5_attr_str(obj, path, name, false, buf, len, found);
 }
 
-/* An integer attribute (any integer type, scalar or one element). */
-static moecal_status read_int_attr(const char *path, hid_t obj, const char *name, int64_t *val,
-                                   bool *found)
-{
-    hid_t attr = -1, type = -1, space = -1;
-    htri_t ex;
-    hssize_t npoints;
-    moecal_status st = MOECAL_OK;
-    char what[256];
-
-    *found = false;
-    ex = H5Aexists(obj, name);
-    if (ex < 0)
-        return h5_fail(MOECAL_ERR_FORMAT, "%s: cannot look up root attribute '%s'", path, name);
-    if (ex == 0)
-        return MOECAL_OK;
-    *found = true;
-    if ((attr = H5Aopen(obj, name, H5P_DEFAULT)) < 0 || (type = H5Aget_type(attr)) < 0 ||
-        (space = H5Aget_space(attr)) < 0) {
-        st = h5_fail(MOECAL_ERR_FORMAT, "%s: cannot open root attribute '%s'", path, name);
-        goto out;
-    }
-    npoints = H5Sget_simple_extent_npoints(space);
-    if (H5Tget_class(type) != H5T_INTEGER || npoints != 1) {
-        describe_type(type, what, sizeof what);
-        st = moecal_error_set(MOECAL_ERR_FORMAT, "%s: root attribute '%s' is %s with %lld "
-                              "element(s); expected one integer", path, name, what,
-                              (ll)npoints);
-        goto out;
-    }
-    if (H5Aread(attr, H5T_NATIVE_INT64, val) < 0)
-        st = h5_fail(MOECAL_ERR_FORMAT, "%s: cannot read root attribute '%s' as an integer",
-                     path, name);
-out:
-    h5_close(&space);
-    h5_close(&type);
-    h5_close(&attr);
-    return st;
-}
-
 /* "17" -> 17; leading zeros, signs, spaces and overflow refused. */
 static bool parse_layer_name(const char *s, int *out)
 {
@@ -657,7 +617,7 @@ moecal_status moecal_act_open(const char *path, MPI_Comm comm, moecal_act **out)
                               "\"%s\"", path, shown, ACT_FORMAT);
         goto fail;
     }
-    if ((st = read_int_attr(path, a->file, "format_version", &version, &found)) != MOECAL_OK)
+    if ((st = moecal_h5_attr_int(a->file, path, "format_version", false, &version, &found)) != MOECAL_OK)
         goto fail;
     if (!found) {
         st = moecal_error_set(MOECAL_ERR_FORMAT, "%s: root attribute 'format_version' missing; "

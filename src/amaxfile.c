@@ -471,7 +471,7 @@ moecal_status moecal_amax_read_checkpoint(const char *path, uint64_t input_hash,
                                           float *amax_cal, float *weight_amax, float *history,
                                           int64_t *tokens, int64_t *next_step)
 {
-    hid_t f, a;
+    hid_t f;
     char buf[64], want[32];
     moecal_status s;
     hsize_t L = (hsize_t)m->L, E = (hsize_t)m->E, C = (hsize_t)m->C, n = (hsize_t)(e1 - e0);
@@ -497,16 +497,11 @@ moecal_status moecal_amax_read_checkpoint(const char *path, uint64_t input_hash,
                              "(input hash %s, this run %s): refusing to resume from it",
                              path, buf, want);
     if (s == MOECAL_OK) {
-        if (H5Aexists(f, "checkpoint_next_step") <= 0) {
+        bool here = false;
+        s = moecal_h5_attr_int(f, path, "checkpoint_next_step", false, next_step, &here);
+        if (s == MOECAL_OK && !here)
             s = moecal_error_set(MOECAL_ERR_FORMAT, "%s is not a checkpoint "
                                  "(no checkpoint_next_step)", path);
-        } else {
-            a = H5Aopen(f, "checkpoint_next_step", H5P_DEFAULT);
-            if (H5Aread(a, H5T_NATIVE_INT64, next_step) < 0)
-                s = moecal_error_set(MOECAL_ERR_HDF5, "%s: cannot read checkpoint_next_step",
-                                     path);
-            H5Aclose(a);
-        }
     }
     if (s == MOECAL_OK && (*next_step < 0 || *next_step > (int64_t)(L * C)))
         s = moecal_error_set(MOECAL_ERR_FORMAT, "%s: checkpoint position %lld out of range",

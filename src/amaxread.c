@@ -22,19 +22,6 @@
 
 /* ---------------------------------------------------------------- attributes */
 
-/* Number of elements of an attribute's dataspace (scalar: 1). */
-static hssize_t attr_npoints(hid_t a)
-{
-    hid_t sp = H5Aget_space(a);
-    hssize_t n;
-
-    if (sp < 0)
-        return -1;
-    n = H5Sget_simple_extent_npoints(sp);
-    H5Sclose(sp);
-    return n;
-}
-
 /* A string attribute, fixed-length or variable-length (h5py writes the
  * latter).  required == 0: an absent attribute leaves buf empty. */
 static moecal_status attr_str(hid_t f, const char *path, const char *name, int required,
@@ -47,26 +34,8 @@ static moecal_status attr_str(hid_t f, const char *path, const char *name, int r
 static moecal_status attr_int(hid_t f, const char *path, const char *name, int required,
                               int64_t dflt, int64_t *v)
 {
-    hid_t a, t;
-    htri_t ex = H5Aexists(f, name);
-    moecal_status s = MOECAL_OK;
-
     *v = dflt;
-    if (ex == 0 && !required)
-        return MOECAL_OK;
-    if (ex <= 0)
-        return moecal_error_set(MOECAL_ERR_FORMAT, "%s: root attribute '%s' missing", path, name);
-    MOECAL_H5_CHECK(path, a = H5Aopen(f, name, H5P_DEFAULT));
-    t = H5Aget_type(a);
-    if (t < 0 || H5Tget_class(t) != H5T_INTEGER || attr_npoints(a) != 1)
-        s = moecal_error_set(MOECAL_ERR_FORMAT, "%s: attribute '%s' is not an integer", path,
-                             name);
-    else if (H5Aread(a, H5T_NATIVE_INT64, v) < 0)
-        s = moecal_h5_fail(path, "reading attribute '%s'", name);
-    if (t >= 0)
-        H5Tclose(t);
-    H5Aclose(a);
-    return s;
+    return moecal_h5_attr_int(f, path, name, required != 0, v, NULL);
 }
 
 /* ---------------------------------------------------------------- datasets */

@@ -115,3 +115,47 @@ out:
         H5Aclose(attr);
     return st;
 }
+
+moecal_status moecal_h5_attr_int(hid_t obj, const char *path, const char *name, bool required,
+                                 int64_t *v, bool *found)
+{
+    hid_t attr = -1, type = -1, space = -1;
+    moecal_status st = MOECAL_OK;
+    htri_t ex;
+    hssize_t n;
+
+    if (found)
+        *found = false;
+    ex = H5Aexists(obj, name);
+    if (ex < 0)
+        return moecal_h5_fail(path, "looking up attribute '%s'", name);
+    if (ex == 0)
+        return required ? moecal_error_set(MOECAL_ERR_FORMAT, "%s: attribute '%s' missing",
+                                           path, name)
+                        : MOECAL_OK;
+    if (found)
+        *found = true;
+    if ((attr = H5Aopen(obj, name, H5P_DEFAULT)) < 0 || (type = H5Aget_type(attr)) < 0 ||
+        (space = H5Aget_space(attr)) < 0) {
+        st = moecal_h5_fail(path, "opening attribute '%s'", name);
+        goto out;
+    }
+    n = H5Sget_simple_extent_npoints(space);
+    if (H5Tget_class(type) != H5T_INTEGER || n != 1)
+        st = moecal_error_set(MOECAL_ERR_FORMAT, "%s: attribute '%s' is %s with %lld "
+                              "element(s); expected one integer", path, name,
+                              H5Tget_class(type) == H5T_INTEGER ? "an integer"
+                              : H5Tget_class(type) == H5T_STRING ? "a string"
+                              : H5Tget_class(type) == H5T_FLOAT ? "a float" : "not a number",
+                              (long long)n);
+    else if (H5Aread(attr, H5T_NATIVE_INT64, v) < 0)
+        st = moecal_h5_fail(path, "reading attribute '%s'", name);
+out:
+    if (space >= 0)
+        H5Sclose(space);
+    if (type >= 0)
+        H5Tclose(type);
+    if (attr >= 0)
+        H5Aclose(attr);
+    return st;
+}

@@ -4,6 +4,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include <hdf5.h>
 
@@ -18,6 +19,14 @@
  * longer than len - 1: MOECAL_ERR_FORMAT naming path and attribute. */
 moecal_status moecal_h5_attr_str(hid_t obj, const char *path, const char *name, bool required,
                                  char *buf, size_t len, bool *found);
+
+/* The integer attribute `name` of obj (any integer type, scalar or one
+ * element) into *v.  *found (may be NULL) tells whether it exists; when it
+ * does not: MOECAL_OK with *v unchanged unless required, then
+ * MOECAL_ERR_FORMAT "PATH: attribute 'NAME' missing".  Another type or
+ * count: MOECAL_ERR_FORMAT naming what it is. */
+moecal_status moecal_h5_attr_int(hid_t obj, const char *path, const char *name, bool required,
+                                 int64_t *v, bool *found);
 
 /* Record MOECAL_ERR_HDF5 "WHERE: WHAT failed" (WHAT formatted from fmt),
  * with the innermost message of HDF5's error stack when it has one ("...

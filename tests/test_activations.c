@@ -651,6 +651,41 @@ static moecal_status open_missing(const char *path)
     return MOECAL_OK;
 }
 
+static void test_h5_attr_int(void **state)
+{
+    (void)state;
+    char path[] = "/tmp/moecal-attr-XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    close(fd);
+    hid_t f = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    hid_t sp = H5Screate(H5S_SCALAR);
+    hid_t a = H5Acreate2(f, "n", H5T_STD_I32LE, sp, H5P_DEFAULT, H5P_DEFAULT);
+    int32_t seven = 7;
+    H5Awrite(a, H5T_NATIVE_INT32, &seven);
+    H5Aclose(a);
+    a = H5Acreate2(f, "x", H5T_IEEE_F64LE, sp, H5P_DEFAULT, H5P_DEFAULT);
+    double half = 0.5;
+    H5Awrite(a, H5T_NATIVE_DOUBLE, &half);
+    H5Aclose(a);
+    H5Sclose(sp);
+    int64_t v = -1;
+    bool found = false;
+    assert_int_equal(moecal_h5_attr_int(f, path, "n", true, &v, &found), MOECAL_OK);
+    assert_true(found);
+    assert_int_equal(v, 7);
+    v = 42;
+    assert_int_equal(moecal_h5_attr_int(f, path, "absent", false, &v, &found), MOECAL_OK);
+    assert_false(found);
+    assert_int_equal(v, 42);   /* unchanged: the caller's default */
+    assert_int_equal(moecal_h5_attr_int(f, path, "absent", true, &v, NULL), MOECAL_ERR_FORMAT);
+    assert_non_null(strstr(moecal_error_message(), "attribute 'absent' missing"));
+    assert_int_equal(moecal_h5_attr_int(f, path, "x", true, &v, NULL), MOECAL_ERR_FORMAT);
+    assert_non_null(strstr(moecal_error_message(), "attribute 'x' is a float with 1 element(s)"));
+    H5Fclose(f);
+    unlink(path);
+}
+
 static void test_h5_fail(void **state)
 {
     (void)state;
@@ -682,6 +717,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_bad_rank),
         cmocka_unit_test(test_mismatched_shapes),
         cmocka_unit_test(test_h5_fail),
+        cmocka_unit_test(test_h5_attr_int),
         cmocka_unit_test(test_bad_dtype),
         cmocka_unit_test(test_bad_names),
         cmocka_unit_test(test_not_hdf5),
