@@ -31,19 +31,31 @@ moecal_status moecal_h5_fail(const char *where, const char *fmt, ...)
     return moecal_error_set(MOECAL_ERR_HDF5, "%s: %s failed", where, what);
 }
 
-moecal_status moecal_h5_attr_str(hid_t obj, const char *path, const char *name, bool required,
-                                 char *buf, size_t len, bool *found)
-{
-    hid_t attr = -1, type = -1, space = -1, mt = -1;
-    moecal_status st = MOECAL_OK;
-    htri_t ex;
-    char *v = NULL;
-    bool vlen = false;
+/* An attribute opened with its type and space; all -1 when it does not
+ * exist (*found false: MOECAL_OK unless required). */
+typedef struct h5attr {
+    hid_t attr, type, space;
+} h5attr;
 
+static void attr_close(h5attr *a)
+{
+    if (a->space >= 0)
+        H5Sclose(a->space);
+    if (a->type >= 0)
+        H5Tclose(a->type);
+    if (a->attr >= 0)
+        H5Aclose(a->attr);
+    a->attr = a->type = a->space = -1;
+}
+
+static moecal_status attr_open(hid_t obj, const char *path, const char *name, bool required,
+                               bool *found, h5attr *a)
+{
+    htri_t ex = H5Aexists(obj, name);
+
+    a->attr = a->type = a->space = -1;
     if (found)
         *found = false;
-    buf[0] = '\0';
-    ex = H5Aexists(obj, name);
     if (ex < 0)
         return moecal_error_set(MOECAL_ERR_FORMAT, "%s: cannot look up attribute '%s'", path,
                                 name);
@@ -53,12 +65,33 @@ moecal_status moecal_h5_attr_str(hid_t obj, const char *path, const char *name, 
                         : MOECAL_OK;
     if (found)
         *found = true;
-    if ((attr = H5Aopen(obj, name, H5P_DEFAULT)) < 0 || (type = H5Aget_type(attr)) < 0 ||
-        (space = H5Aget_space(attr)) < 0) {
-        st = moecal_error_set(MOECAL_ERR_FORMAT, "%s: cannot open attribute '%s'", path, name);
-        goto out;
+    if ((a->attr = H5Aopen(obj, name, H5P_DEFAULT)) < 0 ||
+        (a->type = H5Aget_type(a->attr)) < 0 || (a->space = H5Aget_space(a->attr)) < 0) {
+        attr_close(a);
+        return moecal_error_set(MOECAL_ERR_FORMAT, "%s: cannot open attribute '%s'", path, name);
     }
-    if (H5Tget_class(type) != H5T_STRING || H5Sget_simple_extent_npoints(space) != 1) {
+    return MOECAL_OK;
+}
+
+moecal_status moecal_h5_attr_str(hid_t obj, const char *path, const char *name, bool required,
+                                 char *buf, size_t len, bool *found)
+{
+    h5attr a;
+    hid_t attr, type, mt = -1;
+    moecal_status st = MOECAL_OK;
+    bool here = false;
+    char *v = NULL;
+    bool vlen = false;
+
+    buf[0] = '\0';
+    MOECAL_TRY(attr_open(obj, path, name, required, &here, &a));
+    if (found)
+        *found = here;
+    if (!here)
+        return MOECAL_OK;
+    attr = a.attr;
+    type = a.type;
+    if (H5Tget_class(type) != H5T_STRING || H5Sget_simple_extent_npoints(a.space) != 1) {
         st = moecal_error_set(MOECAL_ERR_FORMAT, "%s: attribute '%s' is not one string", path,
                               name);
         goto out;
@@ -107,55 +140,33 @@ out:
         free(v);
     if (mt >= 0)
         H5Tclose(mt);
-    if (space >= 0)
-        H5Sclose(space);
-    if (type >= 0)
-        H5Tclose(type);
-    if (attr >= 0)
-        H5Aclose(attr);
+    attr_close(&a);
     return st;
 }
 
 moecal_status moecal_h5_attr_int(hid_t obj, const char *path, const char *name, bool required,
                                  int64_t *v, bool *found)
 {
-    hid_t attr = -1, type = -1, space = -1;
+    h5attr a;
     moecal_status st = MOECAL_OK;
-    htri_t ex;
-    hssize_t n;
+    bool here = false;
 
+    MOECAL_TRY(attr_open(obj, path, name, required, &here, &a));
     if (found)
-        *found = false;
-    ex = H5Aexists(obj, name);
-    if (ex < 0)
-        return moecal_h5_fail(path, "looking up attribute '%s'", name);
-    if (ex == 0)
-        return required ? moecal_error_set(MOECAL_ERR_FORMAT, "%s: attribute '%s' missing",
-                                           path, name)
-                        : MOECAL_OK;
-    if (found)
-        *found = true;
-    if ((attr = H5Aopen(obj, name, H5P_DEFAULT)) < 0 || (type = H5Aget_type(attr)) < 0 ||
-        (space = H5Aget_space(attr)) < 0) {
-        st = moecal_h5_fail(path, "opening attribute '%s'", name);
-        goto out;
-    }
-    n = H5Sget_simple_extent_npoints(space);
-    if (H5Tget_class(type) != H5T_INTEGER || n != 1)
+        *found = here;
+    if (!here)
+        return MOECAL_OK;
+    hssize_t n = H5Sget_simple_extent_npoints(a.space);
+    H5T_class_t cls = H5Tget_class(a.type);
+    if (cls != H5T_INTEGER || n != 1)
         st = moecal_error_set(MOECAL_ERR_FORMAT, "%s: attribute '%s' is %s with %lld "
                               "element(s); expected one integer", path, name,
-                              H5Tget_class(type) == H5T_INTEGER ? "an integer"
-                              : H5Tget_class(type) == H5T_STRING ? "a string"
-                              : H5Tget_class(type) == H5T_FLOAT ? "a float" : "not a number",
+                              cls == H5T_INTEGER ? "an integer"
+                              : cls == H5T_STRING ? "a string"
+                              : cls == H5T_FLOAT ? "a float" : "not a number",
                               (long long)n);
-    else if (H5Aread(attr, H5T_NATIVE_INT64, v) < 0)
+    else if (H5Aread(a.attr, H5T_NATIVE_INT64, v) < 0)
         st = moecal_h5_fail(path, "reading attribute '%s'", name);
-out:
-    if (space >= 0)
-        H5Sclose(space);
-    if (type >= 0)
-        H5Tclose(type);
-    if (attr >= 0)
-        H5Aclose(attr);
+    attr_close(&a);
     return st;
 }
