@@ -838,27 +838,29 @@ static moecal_status describe(calib *r)
         s = moecal_checkpoint_fingerprint(j->model, r->fingerprint);
     moecal_check_all(s);
     MOECAL_MPI_CHECK(MPI_Bcast(r->fingerprint, sizeof r->fingerprint, MPI_CHAR, 0, c->world));
-    m->created = r->created;
-    m->command_line = p->command_line;
-    m->all_experts = p->all_experts;
-    m->router_logits = j->prec;
-    m->checkpoint_fingerprint = r->fingerprint;
-    m->qfmt = p->qfmt;
-    m->model_path = p->model_dir;
-    m->activations_path = r->act_path;
-    m->placement_json = p->placement_json ? p->placement_json : "[]";
-    m->n_ranks = c->size;
-    m->n_nodes = c->n_nodes;
-    m->tokens = j->T;
-    m->chunk_tokens = j->chunk;
-    m->cfg = j->cfg;
-    m->L = j->L;
-    m->E = j->E;
-    m->C = (int)j->C;
-    m->layers = j->layers;
-    m->chunk_start = r->cstart;
-    m->chunk_count = r->ccount;
-    m->input_hash = r->hash;
+    *m = (moecal_amax_meta){
+        .created = r->created,
+        .command_line = p->command_line,
+        .all_experts = p->all_experts,
+        .router_logits = j->prec,
+        .checkpoint_fingerprint = r->fingerprint,
+        .qfmt = p->qfmt,
+        .model_path = p->model_dir,
+        .activations_path = r->act_path,
+        .placement_json = p->placement_json ? p->placement_json : "[]",
+        .n_ranks = c->size,
+        .n_nodes = c->n_nodes,
+        .tokens = j->T,
+        .chunk_tokens = j->chunk,
+        .cfg = j->cfg,
+        .L = j->L,
+        .E = j->E,
+        .C = (int)j->C,
+        .layers = j->layers,
+        .chunk_start = r->cstart,
+        .chunk_count = r->ccount,
+        .input_hash = r->hash,
+    };
     r->nsteps = (int64_t)j->L * j->C;
     return MOECAL_OK;
 }

@@ -41,13 +41,7 @@ float moecal_bf16_to_float(uint16_t b)
 
 uint16_t moecal_float_to_bf16(float x)
 {
-    uint32_t u = moecal_nv_f2u(x);
-
-    if ((u & 0x7fffffff) > 0x7f800000)
-        return (uint16_t)((u >> 16) | 0x40); /* keep sign and payload top, force quiet */
-    /* Round to nearest even; overflow carries into Inf as it should. */
-    u += 0x7fff + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
+    return moecal_nv_bf16_rne(x); /* the GPU's dequantization rounds with it too */
 }
 
 float moecal_round_bf16(float x)

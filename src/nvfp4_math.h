@@ -63,8 +63,9 @@ MOECAL_NV_FN float moecal_nv_div(float a, float b)
 #endif
 }
 
-/* bf16 bits of x, round to nearest even; NaN stays a (quiet) NaN.  The
- * rounding of FP8 dequantization, bf16_rne(e4m3 * scale_inv), on the GPU. */
+/* bf16 bits of x, round to nearest even (overflow carries into Inf); a NaN
+ * keeps its sign and payload top and is made quiet.  moecal_float_to_bf16
+ * on the host, and the rounding of FP8 dequantization on the GPU. */
 MOECAL_NV_FN uint16_t moecal_nv_bf16_rne(float x)
 {
     uint32_t u = moecal_nv_f2u(x);
