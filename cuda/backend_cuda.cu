@@ -627,16 +627,26 @@ long env_long(const char *name, long def, long lo, long hi)
     return r;
 }
 
-/* A knob: the command's option (0 meaning def where auto0), else the
- * environment variable, else def. */
-long knob(const moecal_backend_config *cfg, const char *opt, const char *env, long def, long lo,
-          long hi, bool auto0)
+/* A knob: the command's option (st, its settings as bound; 0 meaning def
+ * where auto0), else (no options) the environment variable, else def. */
+long knob(const moecal_cuda_settings *st, long long moecal_cuda_settings::*field,
+          const char *env, long def, long lo, long hi, bool auto0)
 {
-    if (cfg->opts) {
-        long long v = moecal_opts_int(cfg->opts, opt);
+    if (st) {
+        long long v = st->*field;
         return auto0 && v == 0 ? def : (long)v;
     }
     return env_long(env, def, lo, hi);
+}
+
+/* The command's settings of this backend in *st; NULL without options. */
+const moecal_cuda_settings *cuda_settings(const moecal_backend_config *cfg,
+                                          moecal_cuda_settings *st)
+{
+    if (cfg->opts == NULL ||
+        moecal_opts_bind(cfg->opts, moecal_backend_cuda.options, st) != MOECAL_OK)
+        return NULL;
+    return st;
 }
 
 template <typename T> moecal_status dalloc(moecal_backend *b, T **p, size_t bytes)
@@ -805,9 +815,13 @@ moecal_status size_and_allocate(moecal_backend *b, const moecal_backend_config *
     bool limited = cfg->gpu_mem_limit > 0;
     size_t avail = limited ? (size_t)std::min<uint64_t>(cfg->gpu_mem_limit, freeb) : freeb;
     int64_t def = b->all_experts ? STEP_ALL : STEP_TOPK;
-    def = knob(cfg, "cuda-step", "MOECAL_CUDA_STEP", (long)def, 1, INT32_MAX, true);
+    moecal_cuda_settings sts;
+    const moecal_cuda_settings *st = cuda_settings(cfg, &sts);
+    def = knob(st, &moecal_cuda_settings::step, "MOECAL_CUDA_STEP", (long)def, 1, INT32_MAX,
+               true);
     int64_t step = std::min(b->max_tok, def);
-    b->piece = knob(cfg, "cuda-piece", "MOECAL_CUDA_PIECE", (long)PIECE, 1, INT32_MAX, true);
+    b->piece = knob(st, &moecal_cuda_settings::piece, "MOECAL_CUDA_PIECE", (long)PIECE, 1,
+                    INT32_MAX, true);
     /* int32 positions in the token lists */
     while (!b->all_experts && step * (int64_t)b->k > INT32_MAX / 2)
         step /= 2;
@@ -879,13 +893,15 @@ moecal_status cuda_create(const moecal_backend_config *cfg, moecal_backend **out
     b->all_experts = cfg->all_experts;
     b->prec = cfg->router_logits;
     b->layer = -1;
-    b->nstreams = (int)knob(cfg, "cuda-streams", "MOECAL_CUDA_STREAMS", 4, 1, MAX_STREAMS, false);
-    b->prio = (int)knob(cfg, "cuda-prio", "MOECAL_CUDA_PRIO", 0, 0, 2, false);
+    moecal_cuda_settings sts;
+    const moecal_cuda_settings *st = cuda_settings(cfg, &sts);
+    b->nstreams = (int)knob(st, &moecal_cuda_settings::streams, "MOECAL_CUDA_STREAMS", 4, 1,
+                            MAX_STREAMS, false);
+    b->prio = (int)knob(st, &moecal_cuda_settings::prio, "MOECAL_CUDA_PRIO", 0, 0, 2, false);
     {
         /* dgemm (default): block sums by DGEMM + exactness check; exact: the
          * FP64 kernel (bench/NOTES-cuda.md, v4) */
-        const char *r = cfg->opts ? moecal_opts_str(cfg->opts, "cuda-router")
-                                  : getenv("MOECAL_CUDA_ROUTER");
+        const char *r = st ? st->router : getenv("MOECAL_CUDA_ROUTER");
         b->dgemm_router = !b->all_experts && !(r && strcmp(r, "exact") == 0) &&
                           b->prec != MOECAL_LOGITS_EXACT;
     }

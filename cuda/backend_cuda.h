@@ -32,6 +32,13 @@
 extern "C" {
 #endif
 
+/* The backend's settings (its options, backend_cuda_ops.c), as
+ * moecal_opts_bind stores them. */
+typedef struct moecal_cuda_settings {
+    long long step, piece, streams, prio;
+    const char *router;
+} moecal_cuda_settings;
+
 /* The members of moecal_backend_cuda (backend.h's contracts). */
 bool moecal_backend_cuda_available(void);
 moecal_status moecal_backend_cuda_create(const moecal_backend_config *cfg, moecal_backend **out);

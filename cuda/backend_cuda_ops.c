@@ -10,19 +10,22 @@
 
 /* Tuning knobs (bench/NOTES-cuda.md); none changes a result.  0 for step and
  * piece: the backend's choice. */
+#define CU(field) MOECAL_AT(moecal_cuda_settings, field)
+
 static const moecal_optdef cuda_options[] = {
     {"cuda-step", 0, MOECAL_OPT_INT, "0", NULL, "N",
      "CUDA backend: tokens per step (0: 65536 top-k, 16384 all-experts, fewer when memory "
-     "asks for it)", 0, 0, INT32_MAX},
+     "asks for it)", 0, 0, INT32_MAX, CU(step)},
     {"cuda-piece", 0, MOECAL_OPT_INT, "0", NULL, "N",
-     "CUDA backend: tokens per copy and routing piece (0: 8192)", 0, 0, INT32_MAX},
+     "CUDA backend: tokens per copy and routing piece (0: 8192)", 0, 0, INT32_MAX, CU(piece)},
     {"cuda-streams", 0, MOECAL_OPT_INT, "4", NULL, "N", "CUDA backend: expert GEMM streams",
-     0, 1, 8},
+     0, 1, 8, CU(streams)},
     {"cuda-prio", 0, MOECAL_OPT_INT, "0", NULL, "N",
-     "CUDA backend: stream priorities (0 none, 1 GEMMs high, 2 routing high)", 0, 0, 2},
+     "CUDA backend: stream priorities (0 none, 1 GEMMs high, 2 routing high)", 0, 0, 2,
+     CU(prio)},
     {"cuda-router", 0, MOECAL_OPT_CHOICE, "dgemm", "dgemm|exact", "NAME",
      "CUDA backend: router logits from a cuBLAS DGEMM with an exactness check, or from the "
-     "FP64 kernel alone (the same bits)", 0, 0, 0},
+     "FP64 kernel alone (the same bits)", 0, 0, 0, CU(router)},
     MOECAL_OPT_END
 };
 

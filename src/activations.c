@@ -86,25 +86,6 @@ static void h5_quiet(void)
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
 }
 
-/* Close an id of any kind if it is valid; errors while cleaning up are
- * ignored (the first error is the one reported). */
-static void h5_close(hid_t *id)
-{
-    if (*id < 0)
-        return;
-    switch (H5Iget_type(*id)) {
-    case H5I_FILE: H5Fclose(*id); break;
-    case H5I_GROUP: H5Gclose(*id); break;
-    case H5I_DATATYPE: H5Tclose(*id); break;
-    case H5I_DATASPACE: H5Sclose(*id); break;
-    case H5I_DATASET: H5Dclose(*id); break;
-    case H5I_ATTR: H5Aclose(*id); break;
-    case H5I_GENPROP_LST: H5Pclose(*id); break;
-    default: H5Idec_ref(*id); break;
-    }
-    *id = -1;
-}
-
 /* ------------------------------------------------------------------ types */
 
 /* A 16-bit HDF5 float with the given fields, in the given byte order. */
@@ -232,27 +213,7 @@ static bool parse_layer_name(const char *s, int *out)
 
 static int cmp_int(const void *a, const void *b)
 {
-    int x = *(const int *)a, y = *(const int *)b;
-    return (x > y) - (x < y);
-}
-
-/* Names quoted in messages come from the file: keep them printable. */
-static void show_name(const char *s, char *buf, size_t len)
-{
-    size_t o = 0;
-
-    for (; *s && o + 5 < len; s++) {
-        unsigned char c = (unsigned char)*s;
-        if (c < 0x20 || c == 0x7f)
-            o += (size_t)snprintf(buf + o, len - o, "\\x%02x", c);
-        else
-            buf[o++] = (char)c;
-    }
-    if (*s && o + 4 < len) {
-        memcpy(buf + o, "...", 3);
-        o += 3;
-    }
-    buf[o] = '\0';
+    return MOECAL_CMP(*(const int *)a, *(const int *)b);
 }
 
 /* Open /layers/<name>/hidden of the file and check it; fills dims and dtype. */
@@ -393,11 +354,11 @@ static moecal_status open_layer(moecal_act *a, hid_t layers_g, hid_t lapl,
     *dset_out = d;
     d = -1;
 out:
-    h5_close(&dcpl);
-    h5_close(&type);
-    h5_close(&space);
-    h5_close(&d);
-    h5_close(&g);
+    moecal_h5_close(&dcpl);
+    moecal_h5_close(&type);
+    moecal_h5_close(&space);
+    moecal_h5_close(&d);
+    moecal_h5_close(&g);
     return st;
 }
 
@@ -467,7 +428,7 @@ static moecal_status open_layers(moecal_act *a, hid_t lapl)
             goto out;
         }
         if (!parse_layer_name(names[i], &a->layers[i])) {
-            show_name(names[i], shown, sizeof shown);
+            moecal_printable(shown, sizeof shown, names[i]);
             st = moecal_error_set(MOECAL_ERR_FORMAT, "%s: /layers/%s: expected groups named "
                                   "by decimal model layer index (/layers/3, /layers/4, ...)",
                                   a->path, shown);
@@ -523,7 +484,7 @@ out:
         for (size_t i = 0; i < gi.nlinks; i++)
             free(names[i]);
     free(names);
-    h5_close(&g);
+    moecal_h5_close(&g);
     return st;
 }
 
@@ -597,7 +558,7 @@ moecal_status moecal_act_open(const char *path, MPI_Comm comm, moecal_act **out)
         st = h5_fail(MOECAL_ERR_IO, "%s: cannot open the activation file", path);
         goto fail;
     }
-    h5_close(&fapl);
+    moecal_h5_close(&fapl);
     if ((a->mem_bf16 = bf16_type(H5T_NATIVE_FLOAT)) < 0) {
         st = h5_fail(MOECAL_ERR_HDF5, "%s: cannot build the bf16 memory type", path);
         goto fail;
@@ -612,7 +573,7 @@ moecal_status moecal_act_open(const char *path, MPI_Comm comm, moecal_act **out)
     }
     if (strcmp(fmt, ACT_FORMAT) != 0) {
         char shown[96];
-        show_name(fmt, shown, sizeof shown);
+        moecal_printable(shown, sizeof shown, fmt);
         st = moecal_error_set(MOECAL_ERR_FORMAT, "%s: root attribute format = \"%s\"; expected "
                               "\"%s\"", path, shown, ACT_FORMAT);
         goto fail;
@@ -631,12 +592,12 @@ moecal_status moecal_act_open(const char *path, MPI_Comm comm, moecal_act **out)
     }
     if ((st = open_layers(a, lapl)) != MOECAL_OK)
         goto fail;
-    h5_close(&lapl);
+    moecal_h5_close(&lapl);
     *out = a;
     return MOECAL_OK;
 fail:
-    h5_close(&fapl);
-    h5_close(&lapl);
+    moecal_h5_close(&fapl);
+    moecal_h5_close(&lapl);
     moecal_act_close(a);
     return st;
 }
@@ -647,10 +608,10 @@ void moecal_act_close(moecal_act *a)
         return;
     if (a->dsets)
         for (int i = 0; i < a->n_layers; i++)
-            h5_close(&a->dsets[i]);
-    h5_close(&a->mem_bf16);
-    h5_close(&a->dxpl);
-    h5_close(&a->file);
+            moecal_h5_close(&a->dsets[i]);
+    moecal_h5_close(&a->mem_bf16);
+    moecal_h5_close(&a->dxpl);
+    moecal_h5_close(&a->file);
     H5Eclear2(H5E_DEFAULT);
     free(a->dsets);
     free(a->layers);
@@ -713,8 +674,8 @@ static moecal_status read_rows(moecal_act *a, int li, int64_t row0, int64_t nrow
         st = h5_fail(MOECAL_ERR_IO, "%s: cannot read rows [%lld, %lld) of dataset "
                      "/layers/%d/hidden", a->path, (ll)row0, (ll)(row0 + nrows),
                      a->layers[li]);
-    h5_close(&ms);
-    h5_close(&fs);
+    moecal_h5_close(&ms);
+    moecal_h5_close(&fs);
     return st;
 }
 
@@ -837,8 +798,8 @@ static moecal_status write_attr(const char *path, hid_t obj, const char *name, h
         (attr = H5Acreate2(obj, name, ft, space, H5P_DEFAULT, H5P_DEFAULT)) < 0 ||
         H5Awrite(attr, mt, val) < 0)
         st = h5_fail(MOECAL_ERR_IO, "%s: cannot write root attribute '%s'", path, name);
-    h5_close(&attr);
-    h5_close(&space);
+    moecal_h5_close(&attr);
+    moecal_h5_close(&space);
     return st;
 }
 
@@ -852,11 +813,11 @@ static moecal_status write_str_attr(const char *path, hid_t obj, const char *nam
     if ((t = H5Tcopy(H5T_C_S1)) < 0 || H5Tset_size(t, n ? n + 1 : 1) < 0 ||
         H5Tset_strpad(t, H5T_STR_NULLTERM) < 0 || H5Tset_cset(t, H5T_CSET_UTF8) < 0) {
         st = h5_fail(MOECAL_ERR_HDF5, "%s: cannot build a string type", path);
-        h5_close(&t);
+        moecal_h5_close(&t);
         return st;
     }
     st = write_attr(path, obj, name, t, value, t);
-    h5_close(&t);
+    moecal_h5_close(&t);
     return st;
 }
 
@@ -869,12 +830,12 @@ static void writer_free(moecal_act_writer *w)
 {
     if (w->dsets)
         for (int i = 0; i < w->n_layers; i++)
-            h5_close(&w->dsets[i]);
-    h5_close(&w->ftype);
-    h5_close(&w->gcpl);
+            moecal_h5_close(&w->dsets[i]);
+    moecal_h5_close(&w->ftype);
+    moecal_h5_close(&w->gcpl);
     if (w->mtype >= 0 && w->mtype != H5T_NATIVE_FLOAT)
-        h5_close(&w->mtype);
-    h5_close(&w->file);
+        moecal_h5_close(&w->mtype);
+    moecal_h5_close(&w->file);
     H5Eclear2(H5E_DEFAULT);
     free(w->dsets);
     free(w->layers);
@@ -913,9 +874,9 @@ static moecal_status create_layer(moecal_act_writer *w, int i)
                                   H5P_DEFAULT)) < 0)
         st = h5_fail(MOECAL_ERR_IO, "%s: cannot create dataset %s/hidden [%lld, %d]", w->tmp,
                      name, (ll)w->T, w->H);
-    h5_close(&dcpl);
-    h5_close(&space);
-    h5_close(&g);
+    moecal_h5_close(&dcpl);
+    moecal_h5_close(&space);
+    moecal_h5_close(&g);
     return st;
 }
 
@@ -1022,14 +983,14 @@ moecal_status moecal_act_create(const char *path, int64_t tokens, int hidden,
         st = h5_fail(MOECAL_ERR_IO, "%s: cannot create group /layers", w->tmp);
         goto fail;
     }
-    h5_close(&lg);
+    moecal_h5_close(&lg);
     for (int i = 0; i < n_layers; i++)
         if ((st = create_layer(w, i)) != MOECAL_OK)
             goto fail;
     *out = w;
     return MOECAL_OK;
 fail:
-    h5_close(&lg);
+    moecal_h5_close(&lg);
     moecal_act_writer_abort(w);
     return st;
 }
@@ -1062,8 +1023,8 @@ static moecal_status write_rows(moecal_act_writer *w, int li, int64_t row0, int6
         H5Dwrite(w->dsets[li], mt, ms, fs, H5P_DEFAULT, src) < 0)
         st = h5_fail(MOECAL_ERR_IO, "%s: cannot write rows [%lld, %lld) of dataset "
                      "/layers/%d/hidden", w->tmp, (ll)row0, (ll)(row0 + nrows), w->layers[li]);
-    h5_close(&ms);
-    h5_close(&fs);
+    moecal_h5_close(&ms);
+    moecal_h5_close(&fs);
     return st;
 }
 

@@ -225,10 +225,8 @@ static moecal_status check_projections(hid_t f, const char *path)
             H5Sclose(sp);
         }
     }
-    if (mt >= 0)
-        H5Tclose(mt);
-    if (t >= 0)
-        H5Tclose(t);
+    moecal_h5_close(&mt);
+    moecal_h5_close(&t);
     H5Dclose(d);
     return s;
 }

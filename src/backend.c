@@ -41,6 +41,11 @@ const moecal_backend_ops *moecal_backend_find(const char *name)
     return NULL;
 }
 
+const moecal_backend_ops *moecal_backend_at(int i)
+{
+    return i >= 0 && (size_t)i < sizeof registry / sizeof registry[0] ? registry[i] : NULL;
+}
+
 const moecal_backend_ops *moecal_backend_auto(void)
 {
 #ifdef HAVE_CUDA
@@ -72,6 +77,9 @@ moecal_optdef *moecal_backend_add_options(const moecal_optdef *defs)
     for (size_t i = 0; i < nreg; i++) {
         size_t m = count(registry[i]->options);
         memcpy(all + k, registry[i]->options, m * sizeof *all);
+        /* stored by the backend in its own struct, not in the command's */
+        for (size_t j = k; j < k + m; j++)
+            all[j].field = MOECAL_FIELD_NONE;
         k += m;
     }
     all[k] = (moecal_optdef)MOECAL_OPT_END;

@@ -125,6 +125,8 @@ typedef struct moecal_backend_ops {
 
 /* Registry. */
 const moecal_backend_ops *moecal_backend_find(const char *name);  /* "cpu", "cuda" */
+/* The i-th compiled-in backend, usable here or not (NULL past the last). */
+const moecal_backend_ops *moecal_backend_at(int i);
 /* The checks every backend's create makes of cfg (a configuration, the
  * router's settings, sizes, the expert range, the chunk size, threads);
  * name prefixes the message. */

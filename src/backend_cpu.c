@@ -96,6 +96,7 @@ struct moecal_backend {
     bool all_experts;
     int layer;                   /* -1 before the first load_layer */
 
+    char *block;                 /* the arrays below (carve_arrays) */
     float *gate;                 /* [E][H] */
     double *gate_t;              /* [H][E]: the gate transposed, for the logits */
     float *bias;                 /* [E] */
@@ -188,27 +189,42 @@ static void cpu_destroy(moecal_backend *b)
         }
         free(b->tb);
     }
-    free(b->gate);
-    free(b->gate_t);
-    free(b->bias);
-    free(b->w13);
-    free(b->xf);
-    free(b->rowmax);
-    free(b->src_row);
-    free(b->logits);
-    free(b->sel);
-    free(b->offs);
-    free(b->fill);
-    free(b->list);
-    free(b->items);
+    free(b->block);
     free(b);
+}
+
+/* The arrays sized by the configuration, in one block: each call gives the
+ * sizes (c without a block) or the places (c over the block). */
+static void carve_arrays(moecal_backend *b, moecal_carve *c, size_t nblk)
+{
+    size_t E = (size_t)b->E, H = (size_t)b->H, nloc = (size_t)b->nloc;
+    size_t mt = (size_t)b->max_tok, k = (size_t)b->k;
+    /* router blocks are always full: room for the zero rows of the last */
+    size_t mt_pad = (mt + ROUTE_BLOCK - 1) / ROUTE_BLOCK * ROUTE_BLOCK;
+
+    b->gate = moecal_carve_take(c, E, H * sizeof(float));
+    b->gate_t = moecal_carve_take(c, E, H * sizeof(double));
+    b->bias = moecal_carve_take(c, E, sizeof(float));
+    b->w13 = moecal_carve_take(c, nloc * 2 * (size_t)b->NI, H * sizeof(float));
+    b->xf = moecal_carve_take(c, mt_pad, H * sizeof(float));
+    b->rowmax = moecal_carve_take(c, mt, sizeof(float));
+    b->src_row = moecal_carve_take(c, mt, sizeof(int32_t));
+    b->offs = moecal_carve_take(c, nloc + 1, sizeof(int64_t));
+    b->fill = moecal_carve_take(c, nloc, sizeof(int64_t));
+    b->items = moecal_carve_take(c, nblk, sizeof(work_item));
+    if (!b->all_experts) {
+        b->logits = moecal_carve_take(c, mt_pad, E * (b->prec == MOECAL_LOGITS_EXACT
+                                                      ? sizeof(double) : sizeof(float)));
+        b->sel = moecal_carve_take(c, mt, k * sizeof(int32_t));
+        b->list = moecal_carve_take(c, mt, k * sizeof(int32_t));
+    }
 }
 
 static moecal_status cpu_create(const moecal_backend_config *cfg, moecal_backend **out)
 {
     const moecal_model_config *m;
     moecal_backend *b;
-    size_t H, I2, nloc, mt, k;
+    size_t H, I2, nloc, k;
     int64_t nblk;
 
     *out = NULL;
@@ -242,7 +258,6 @@ static moecal_status cpu_create(const moecal_backend_config *cfg, moecal_backend
     H = (size_t)b->H;
     I2 = 2 * (size_t)b->NI;
     nloc = (size_t)b->nloc;
-    mt = (size_t)b->max_tok;
     k = (size_t)b->k;
     /* work items: every expert's row list split into ROW_BLOCK pieces */
     if (b->all_experts)
@@ -251,33 +266,15 @@ static moecal_status cpu_create(const moecal_backend_config *cfg, moecal_backend
         nblk = (int64_t)nloc + (b->max_tok * (int64_t)k + ROW_BLOCK - 1) / ROW_BLOCK;
     b->max_items = nblk;
 
-    size_t wsz;
-    if (__builtin_mul_overflow(nloc, I2, &wsz)) {
-        cpu_destroy(b);
-        return moecal_error_set(MOECAL_ERR_NOMEM, "cpu backend: expert weights too large");
+    moecal_carve c = {0};
+    carve_arrays(b, &c, (size_t)nblk);
+    bool ok = moecal_carve_alloc(&c);
+    if (ok) {
+        carve_arrays(b, &c, (size_t)nblk);
+        b->block = c.block;
     }
-    b->gate = alloc_array((size_t)b->E, H * sizeof(float));
-    b->gate_t = alloc_array((size_t)b->E, H * sizeof(double));
-    b->bias = alloc_array((size_t)b->E, sizeof(float));
-    b->w13 = alloc_array(wsz, H * sizeof(float));
-    /* router blocks are always full: room for the zero rows of the last */
-    size_t mt_pad = (mt + ROUTE_BLOCK - 1) / ROUTE_BLOCK * ROUTE_BLOCK;
-    b->xf = alloc_array(mt_pad, H * sizeof(float));
-    b->rowmax = alloc_array(mt, sizeof(float));
-    b->src_row = alloc_array(mt, sizeof(int32_t));
-    b->offs = alloc_array(nloc + 1, sizeof(int64_t));
-    b->fill = alloc_array(nloc, sizeof(int64_t));
-    b->items = alloc_array((size_t)nblk, sizeof(work_item));
     b->tb = calloc((size_t)b->nthreads, sizeof(thread_buf));
-    bool ok = b->gate && b->gate_t && b->bias && b->w13 && b->xf && b->rowmax && b->src_row && b->offs &&
-              b->fill && b->items && b->tb;
-    if (ok && !b->all_experts) {
-        b->logits = alloc_array(mt_pad, (size_t)b->E *
-                                (b->prec == MOECAL_LOGITS_EXACT ? sizeof(double) : sizeof(float)));
-        b->sel = alloc_array(mt, k * sizeof(int32_t));
-        b->list = alloc_array(mt, k * sizeof(int32_t));
-        ok = b->logits && b->sel && b->list;
-    }
+    ok = ok && b->tb;
     for (int i = 0; ok && i < b->nthreads; i++) {
         thread_buf *t = &b->tb[i];
         /* all-experts mode multiplies the compact rows in place: no gather */

@@ -839,27 +839,18 @@ static moecal_status describe(calib *r)
     moecal_check_all(s);
     MOECAL_MPI_CHECK(MPI_Bcast(r->fingerprint, sizeof r->fingerprint, MPI_CHAR, 0, c->world));
     *m = (moecal_amax_meta){
-        .created = r->created,
-        .command_line = p->command_line,
-        .all_experts = p->all_experts,
-        .router_logits = j->prec,
-        .checkpoint_fingerprint = r->fingerprint,
-        .qfmt = p->qfmt,
-        .model_path = p->model_dir,
-        .activations_path = r->act_path,
+        /* what was run, by whom, where */
+        .created = r->created, .command_line = p->command_line,
         .placement_json = p->placement_json ? p->placement_json : "[]",
-        .n_ranks = c->size,
-        .n_nodes = c->n_nodes,
-        .tokens = j->T,
-        .chunk_tokens = j->chunk,
-        .cfg = j->cfg,
-        .L = j->L,
-        .E = j->E,
-        .C = (int)j->C,
-        .layers = j->layers,
-        .chunk_start = r->cstart,
-        .chunk_count = r->ccount,
-        .input_hash = r->hash,
+        .n_ranks = c->size, .n_nodes = c->n_nodes,
+        /* on what */
+        .model_path = p->model_dir, .checkpoint_fingerprint = r->fingerprint,
+        .activations_path = r->act_path, .input_hash = r->hash, .cfg = j->cfg,
+        /* how */
+        .all_experts = p->all_experts, .router_logits = j->prec, .qfmt = p->qfmt,
+        /* the shape of the results */
+        .tokens = j->T, .chunk_tokens = j->chunk, .L = j->L, .E = j->E, .C = (int)j->C,
+        .layers = j->layers, .chunk_start = r->cstart, .chunk_count = r->ccount,
     };
     r->nsteps = (int64_t)j->L * j->C;
     return MOECAL_OK;
@@ -929,17 +920,12 @@ static void open_compute(calib *r)
                          "on this machine (%s)", p->backend, MOECAL_BUILD_OPTIONS);
         moecal_fatal_all(MOECAL_ERR_UNSUPPORTED);
     }
-    bc.model = j->cfg;
-    bc.e0 = j->e0;
-    bc.e1 = j->e1;
-    bc.max_chunk_tokens = j->chunk;
-    bc.all_experts = p->all_experts;
-    bc.router_logits = j->prec;
-    bc.device = p->gpu;
-    bc.gpu_mem_limit = p->gpu_mem_limit;
-    bc.threads = p->threads;
-    bc.rank = c->rank;
-    bc.opts = p->opts;
+    bc = (moecal_backend_config){
+        .model = j->cfg, .e0 = j->e0, .e1 = j->e1, .max_chunk_tokens = j->chunk,
+        .all_experts = p->all_experts, .router_logits = j->prec, .device = p->gpu,
+        .gpu_mem_limit = p->gpu_mem_limit, .threads = p->threads, .rank = c->rank,
+        .opts = p->opts,
+    };
     if (!(r->backend_settings = moecal_backend_settings(r->ops, p->opts)))
         moecal_fatal(moecal_error_set(MOECAL_ERR_NOMEM, "out of memory"));
     r->m.backend = r->ops->name;
@@ -1199,13 +1185,10 @@ static moecal_status write_outputs(calib *r)
     moecal_status s;
     const size_t LE = (size_t)j->L * (size_t)j->E, L3 = LE * 3;
 
-    sl.e0 = j->e0;
-    sl.e1 = j->e1;
-    sl.input_amax = j->amax_final;
-    sl.input_amax_calibrated = j->amax_cal;
-    sl.weight_amax = j->weight_amax;
-    sl.history = j->hist;
-    sl.tokens = j->tok;
+    sl = (moecal_amax_slab){.e0 = j->e0, .e1 = j->e1, .input_amax = j->amax_final,
+                            .input_amax_calibrated = j->amax_cal,
+                            .weight_amax = j->weight_amax, .history = j->hist,
+                            .tokens = j->tok};
     snprintf(tmp_path, sizeof tmp_path, "%s.tmp", j->p->output);
     s = moecal_amax_write_h5(c->world, tmp_path, &r->m, &sl);
     moecal_check_all(s);

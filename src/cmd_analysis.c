@@ -99,13 +99,25 @@ static moecal_status print_json(json_t *root, int ok)
     return flush_stdout();
 }
 
-/* moecal_cmd_begin: returns 1 when --help or --print-config was handled
- * (the caller returns 0). */
-static int parse_opts(const char *cmd, const moecal_optdef *defs, const char *pos_usage,
-                      const char *summary, int npos, int argc, char **argv, moecal_opts **o)
+/* A serial command: the options in args, then rank 0 runs run(o, args) and
+ * every rank ends with its status. */
+typedef moecal_status (*serial_fn)(const moecal_opts *o, const void *args);
+
+static int serial_command(const char *cmd, const moecal_optdef *defs, const char *pos_usage,
+                          const char *summary, int npos, void *args, serial_fn run, int argc,
+                          char **argv)
 {
-    *o = moecal_cmd_begin(cmd, defs, pos_usage, summary, npos, NULL, argc, argv);
-    return *o == NULL;
+    moecal_opts *o = moecal_cmd_begin(cmd, defs, pos_usage, summary, npos, NULL, args, argc,
+                                      argv);
+    moecal_status s = MOECAL_OK;
+
+    if (!o)
+        return 0;   /* --help or --print-config */
+    if (moecal_world_rank() == 0)
+        s = run(o, args);
+    moecal_opts_free(o);
+    moecal_check_all(s);
+    return 0;
 }
 
 /* ================================================================ compare */
@@ -118,11 +130,16 @@ static const char compare_summary[] =
     "Typical use: a top-k run (A) against an all-experts run (B).  Serial; runs\n"
     "with or without mpiexec.";
 
+typedef struct compare_args {
+    bool json, calibrated;
+} compare_args;
+
 const moecal_optdef moecal_compare_options[] = {
-    {"json", 0, MOECAL_OPT_FLAG, "0", NULL, NULL, "print the comparison as JSON", 0, 0, 0},
+    {"json", 0, MOECAL_OPT_FLAG, "0", NULL, NULL, "print the comparison as JSON", 0, 0, 0,
+     MOECAL_AT(compare_args, json)},
     {"calibrated", 0, MOECAL_OPT_FLAG, "0", NULL, NULL,
      "compare input_amax_calibrated (before the peer-max sync) instead of input_amax",
-     0, 0, 0},
+     0, 0, 0, MOECAL_AT(compare_args, calibrated)},
     MOECAL_OPT_END
 };
 
@@ -171,31 +188,20 @@ static void cmp_compute(const moecal_amax_data *da, const float *a, const float 
 
 static json_t *cmp_json(const cmp_stats *st, int *ok)
 {
-    json_t *o = json_object(), *r;
+    json_t *o = json_pack("{s:I, s:I, s:I, s:I, s:I}", "n", (json_int_t)st->n,
+                          "identical", (json_int_t)st->identical, "larger",
+                          (json_int_t)st->larger, "smaller", (json_int_t)st->smaller,
+                          "b_zero", (json_int_t)st->b_zero);
 
     if (!o) {
         *ok = 0;
         return NULL;
     }
-    jset(o, "n", json_integer(st->n), ok);
-    jset(o, "identical", json_integer(st->identical), ok);
-    jset(o, "larger", json_integer(st->larger), ok);
-    jset(o, "smaller", json_integer(st->smaller), ok);
-    jset(o, "b_zero", json_integer(st->b_zero), ok);
-    if (st->n_ratio == 0) {
-        jset(o, "ratio", json_null(), ok);
-        return o;
-    }
-    r = json_object();
-    if (r) {
-        jset(r, "n", json_integer(st->n_ratio), ok);
-        jset(r, "min", json_real(st->min), ok);
-        jset(r, "p5", json_real(st->p5), ok);
-        jset(r, "median", json_real(st->median), ok);
-        jset(r, "p95", json_real(st->p95), ok);
-        jset(r, "max", json_real(st->max), ok);
-    }
-    jset(o, "ratio", r, ok);
+    /* a NaN or infinite ratio cannot be packed: the whole JSON fails */
+    jset(o, "ratio", st->n_ratio == 0 ? json_null()
+                     : json_pack("{s:I, s:f, s:f, s:f, s:f, s:f}", "n",
+                                 (json_int_t)st->n_ratio, "min", st->min, "p5", st->p5,
+                                 "median", st->median, "p95", st->p95, "max", st->max), ok);
     return o;
 }
 
@@ -309,11 +315,12 @@ static void describe(const char *tag, const moecal_amax_data *d)
            d->created[0] ? ", created " : "", d->created);
 }
 
-static moecal_status compare_run(moecal_opts *o)
+static moecal_status compare_run(const moecal_opts *o, const void *opts)
 {
+    const compare_args *args = opts;
     moecal_amax_data *a = NULL, *b = NULL;
     moecal_status s;
-    int calibrated = moecal_opts_flag(o, "calibrated");
+    int calibrated = args->calibrated;
     const char *in_name = calibrated ? "input_amax_calibrated" : "input_amax";
     double *scratch = NULL;
     cmp_stats *st = NULL; /* [L + 1][2][3]: index 0 = all layers */
@@ -350,7 +357,7 @@ static moecal_status compare_run(moecal_opts *o)
         }
     }
 
-    if (moecal_opts_flag(o, "json")) {
+    if (args->json) {
         int ok = 1;
         json_t *root = json_object(), *fa = json_object(), *fb = json_object();
         json_t *all = json_object(), *per = json_array();
@@ -457,17 +464,10 @@ out:
 
 int moecal_cmd_compare(int argc, char **argv)
 {
-    moecal_opts *o = NULL;
-    moecal_status s = MOECAL_OK;
+    compare_args a;
 
-    if (parse_opts("compare", moecal_compare_options, "A.h5 B.h5", compare_summary, 2, argc,
-                   argv, &o))
-        return 0;
-    if (moecal_world_rank() == 0)
-        s = compare_run(o);
-    moecal_opts_free(o);
-    moecal_check_all(s);
-    return 0;
+    return serial_command("compare", moecal_compare_options, "A.h5 B.h5", compare_summary, 2, &a,
+                          compare_run, argc, argv);
 }
 
 /* ================================================================ report */
@@ -480,19 +480,29 @@ static const char report_summary[] =
     "be too small), and the largest input and weight amax per layer and projection.\n"
     "Serial; runs with or without mpiexec.";
 
+/* The thresholds go straight into the computation's configuration. */
+typedef struct report_args {
+    bool json;
+    moecal_report_cfg cfg;
+} report_args;
+
+#define REP(field) MOECAL_AT(report_args, field)
+
 const moecal_optdef moecal_report_options[] = {
-    {"json", 0, MOECAL_OPT_FLAG, "0", NULL, NULL, "print the report as JSON", 0, 0, 0},
+    {"json", 0, MOECAL_OPT_FLAG, "0", NULL, NULL, "print the report as JSON", 0, 0, 0,
+     REP(json)},
     {"cold-fraction", 0, MOECAL_OPT_FLOAT, "0.1", NULL, "F",
      "an expert is cold when routed fewer than F x the layer's mean tokens per expert",
-     0, 0.0, 1.0},
+     0, 0.0, 1.0, REP(cfg.cold)},
     {"tail-fraction", 0, MOECAL_OPT_FLOAT, "0.1", NULL, "F",
      "the last F of the chunks (at least one) are the tail checked for late growth", 0,
-     1e-9, 1.0},
+     1e-9, 1.0, REP(cfg.tail)},
     {"growth-tolerance", 0, MOECAL_OPT_FLOAT, "0.05", NULL, "R",
-     "growth in the tail counts as significant above this relative amount", 0, 0.0, 1e9},
+     "growth in the tail counts as significant above this relative amount", 0, 0.0, 1e9,
+     REP(cfg.tol)},
     {"warn-share", 0, MOECAL_OPT_FLOAT, "0.05", NULL, "F",
      "warn when more than this share of calibrated quantizers grew significantly in the tail",
-     0, 0.0, 1.0},
+     0, 0.0, 1.0, REP(cfg.warn)},
     MOECAL_OPT_END
 };
 
@@ -606,11 +616,12 @@ static json_t *json_conv(const moecal_report *r, const moecal_report_cfg *rc, in
         *ok = 0;
         return NULL;
     }
-    jset(conv, "chunks", json_integer(r->C), ok);
-    jset(conv, "tail_chunks", json_integer(r->tail), ok);
-    jset(conv, "growth_tolerance", json_real(rc->tol), ok);
-    jset(conv, "warn_share", json_real(rc->warn), ok);
-    jset(conv, "calibrated", json_integer(t->calibrated), ok);
+    if (json_object_update_new(conv, json_pack("{s:I, s:I, s:f, s:f, s:I}", "chunks",
+                                               (json_int_t)r->C, "tail_chunks",
+                                               (json_int_t)r->tail, "growth_tolerance", rc->tol,
+                                               "warn_share", rc->warn, "calibrated",
+                                               (json_int_t)t->calibrated)) != 0)
+        *ok = 0;
     jset(conv, "late_growing", pre ? json_integer(t->late) : json_null(), ok);
     jset(conv, "late_growing_share", pre && t->calibrated > 0 ?
          json_real((double)t->late / (double)t->calibrated) : json_null(), ok);
@@ -795,8 +806,10 @@ static moecal_status report_text(const moecal_report *r, const moecal_report_cfg
     return flush_stdout();
 }
 
-static moecal_status report_run(moecal_opts *o, const moecal_report_cfg *rc)
+static moecal_status report_run(const moecal_opts *o, const void *opts)
 {
+    const report_args *a = opts;
+    const moecal_report_cfg *rc = &a->cfg;
     moecal_amax_data *d = NULL;
     moecal_report r;
     moecal_status s;
@@ -809,7 +822,7 @@ static moecal_status report_run(moecal_opts *o, const moecal_report_cfg *rc)
         moecal_amax_data_free(d);
         return s;
     }
-    s = moecal_opts_flag(o, "json") ? report_json(&r, rc) : report_text(&r, rc);
+    s = a->json ? report_json(&r, rc) : report_text(&r, rc);
     if (r.warning[0])
         moecal_warn("%s", r.warning);
     moecal_report_free(&r);
@@ -819,20 +832,9 @@ static moecal_status report_run(moecal_opts *o, const moecal_report_cfg *rc)
 
 int moecal_cmd_report(int argc, char **argv)
 {
-    moecal_opts *o = NULL;
-    moecal_status s = MOECAL_OK;
-    moecal_report_cfg rc;
+    report_args a;
 
-    if (parse_opts("report", moecal_report_options, "OUT.h5", report_summary, 1, argc, argv, &o))
-        return 0;
-    /* ranges checked by the option table */
-    rc.cold = moecal_opts_float(o, "cold-fraction");
-    rc.tail = moecal_opts_float(o, "tail-fraction");
-    rc.tol = moecal_opts_float(o, "growth-tolerance");
-    rc.warn = moecal_opts_float(o, "warn-share");
-    if (moecal_world_rank() == 0)
-        s = report_run(o, &rc);
-    moecal_opts_free(o);
-    moecal_check_all(s);
-    return 0;
+    /* the thresholds' ranges are checked by the option table */
+    return serial_command("report", moecal_report_options, "OUT.h5", report_summary, 1, &a,
+                          report_run, argc, argv);
 }

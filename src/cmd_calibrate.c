@@ -16,44 +16,59 @@
 #include "runtime.h"
 #include "synth.h"
 
+/* What the options say (moecal_opts_bind fills it from the table). */
+typedef struct calibrate_args {
+    const char *model, *activations, *output, *layers, *quant_format, *backend;
+    const char *router_logits, *nonfinite, *demo_dir;
+    bool force, all_experts, bind, resume;
+    long long chunk_tokens, max_tokens, threads, gpu_mem_limit, checkpoint_every;
+    moecal_verbosity_args verbosity;
+} calibrate_args;
+
+#define CAL(field) MOECAL_AT(calibrate_args, field)
+
 const moecal_optdef moecal_calibrate_options[] = {
     {"model", 'm', MOECAL_OPT_STRING, NULL, NULL, "DIR",
-     "Hugging Face checkpoint directory (none: the built-in demo model)", 0, 0, 0},
+     "Hugging Face checkpoint directory (none: the built-in demo model)", 0, 0, 0, CAL(model)},
     {"activations", 'a', MOECAL_OPT_STRING, NULL, NULL, "FILE",
-     "activation HDF5 file (default with --model: DIR/activations.h5)", 0, 0, 0},
-    {"output", 'o', MOECAL_OPT_STRING, "amax.h5", NULL, "FILE", "amax HDF5 output", 0, 0, 0},
-    {"force", 'f', MOECAL_OPT_FLAG, "0", NULL, NULL, "overwrite an existing output", 0, 0, 0},
+     "activation HDF5 file (default with --model: DIR/activations.h5)", 0, 0, 0, CAL(activations)},
+    {"output", 'o', MOECAL_OPT_STRING, "amax.h5", NULL, "FILE", "amax HDF5 output", 0, 0, 0,
+     CAL(output)},
+    {"force", 'f', MOECAL_OPT_FLAG, "0", NULL, NULL, "overwrite an existing output", 0, 0, 0,
+     CAL(force)},
     {"calib-all-experts", 0, MOECAL_OPT_FLAG, "0", NULL, NULL,
-     "send every token to every expert (no peer-max sync)", 0, 0, 0},
+     "send every token to every expert (no peer-max sync)", 0, 0, 0, CAL(all_experts)},
     {"chunk-tokens", 'c', MOECAL_OPT_INT, "4096", NULL, "N", "tokens per chunk", 0, 1,
-     1LL << 30},
+     1LL << 30, CAL(chunk_tokens)},
     {"max-tokens", 0, MOECAL_OPT_INT, "0", NULL, "N",
-     "use only the first N tokens (0: all)", 0, 0, 1LL << 40},
+     "use only the first N tokens (0: all)", 0, 0, 1LL << 40, CAL(max_tokens)},
     {"layers", 'l', MOECAL_OPT_STRING, "all", NULL, "LIST",
-     "model layer indices to calibrate, e.g. 3-10,12", 0, 0, 0},
+     "model layer indices to calibrate, e.g. 3-10,12", 0, 0, 0, CAL(layers)},
     {"quant-format", 'q', MOECAL_OPT_CHOICE, "nvfp4", "nvfp4|fp8", "FMT",
-     "scale format of the outputs", 0, 0, 0},
+     "scale format of the outputs", 0, 0, 0, CAL(quant_format)},
     {"backend", 'b', MOECAL_OPT_CHOICE, "auto", "cpu|cuda|auto", "NAME",
-     "compute backend (auto: cuda when a GPU is present)", 0, 0, 0},
+     "compute backend (auto: cuda when a GPU is present)", 0, 0, 0, CAL(backend)},
     {"router-logits", 0, MOECAL_OPT_CHOICE, "auto", "auto|bf16|fp32|exact", "PREC",
      "router logit precision (auto: the family's, bf16 for Qwen-MoE and Mixtral, fp32 for "
-     "DeepSeek)", 0, 0, 0},
+     "DeepSeek)", 0, 0, 0, CAL(router_logits)},
     {"nonfinite", 0, MOECAL_OPT_CHOICE, "error", "error|skip", "POLICY",
-     "what to do with activation rows holding NaN/Inf", 0, 0, 0},
+     "what to do with activation rows holding NaN/Inf", 0, 0, 0, CAL(nonfinite)},
     {"threads", 't', MOECAL_OPT_INT, "0", NULL, "N",
-     "CPU threads per rank (0: the cores hwloc bound the rank to)", 0, 0, 4096},
+     "CPU threads per rank (0: the cores hwloc bound the rank to)", 0, 0, 4096, CAL(threads)},
     {"gpu-mem-limit", 0, MOECAL_OPT_INT, "0", NULL, "BYTES",
-     "cap on GPU memory per rank, k/M/G suffixes (0: what the GPU has)", 0, 0, 0},
+     "cap on GPU memory per rank, k/M/G suffixes (0: what the GPU has)", 0, 0, 0,
+     CAL(gpu_mem_limit)},
     {"bind", 0, MOECAL_OPT_FLAG, "1", NULL, NULL,
-     "bind each rank to cores near its GPU (--no-bind to leave binding alone)", 0, 0, 0},
+     "bind each rank to cores near its GPU (--no-bind to leave binding alone)", 0, 0, 0, CAL(bind)},
     {"checkpoint-every", 0, MOECAL_OPT_INT, "0", NULL, "N",
-     "write a checkpoint every N chunks (0: only on SIGTERM/SIGUSR1)", 0, 0, 1LL << 40},
+     "write a checkpoint every N chunks (0: only on SIGTERM/SIGUSR1)", 0, 0, 1LL << 40,
+     CAL(checkpoint_every)},
     {"resume", 0, MOECAL_OPT_FLAG, "0", NULL, NULL,
-     "continue from the newest valid checkpoint beside the output, if any", 0, 0, 0},
+     "continue from the newest valid checkpoint beside the output, if any", 0, 0, 0, CAL(resume)},
     {"demo-dir", 0, MOECAL_OPT_STRING, NULL, NULL, "DIR",
      "where to write the demo model when --model is not given (default: a temporary dir)",
-     0, 0, 0},
-    MOECAL_OPTS_VERBOSITY,
+     0, 0, 0, CAL(demo_dir)},
+    MOECAL_OPTS_VERBOSITY(calibrate_args),
     MOECAL_OPT_END
 };
 
@@ -97,16 +112,16 @@ static char *join_argv(int argc, char **argv)
 }
 
 /* Without --model: the demo model next to the output (reused when present). */
-static moecal_status demo_model(const moecal_opts *o, const char *output, char *dir, size_t len)
+static moecal_status demo_model(const calibrate_args *a, char *dir, size_t len)
 {
     struct stat st;
     char path[4200];
     moecal_status s = MOECAL_OK;
 
-    if (moecal_opts_str(o, "demo-dir")) {
-        snprintf(dir, len, "%s", moecal_opts_str(o, "demo-dir"));
+    if (a->demo_dir) {
+        snprintf(dir, len, "%s", a->demo_dir);
     } else {
-        char *copy = strdup(output);
+        char *copy = strdup(a->output);
         if (!copy)
             return moecal_error_set(MOECAL_ERR_NOMEM, "out of memory");
         snprintf(dir, len, "%s/moecal-demo", dirname(copy));
@@ -123,14 +138,15 @@ static moecal_status demo_model(const moecal_opts *o, const char *output, char *
 /* --print-config: what --router-logits will be for this job.  "auto" is
  * resolved from --model's config.json when it can be read (the demo model
  * is DeepSeek-V3). */
-static void print_router_logits(const moecal_opts *o, FILE *fp)
+static void print_router_logits(const void *args, FILE *fp)
 {
-    const char *v = moecal_opts_str(o, "router-logits");
-    const char *dir = moecal_opts_str(o, "model");
+    const calibrate_args *a = args;
+    const char *v = a->router_logits;
+    const char *dir = a->model;
     moecal_model_config cfg;
     char path[4200];
 
-    if (moecal_opts_flag(o, "calib-all-experts")) {
+    if (a->all_experts) {
         fprintf(fp, "# router logits: none (--calib-all-experts does not route)\n");
         return;
     }
@@ -155,29 +171,30 @@ static void print_router_logits(const moecal_opts *o, FILE *fp)
 int moecal_cmd_calibrate(int argc, char **argv)
 {
     moecal_opts *o = NULL;
+    calibrate_args a;
     moecal_status s;
     moecal_comm c;
     moecal_placement me, *all = NULL;
     moecal_place_opts po = {0};
     moecal_calib_params p = {0};
     char *cmdline, *pjson = NULL, demo_dir[4096];
-    const char *qf, *nf;
     int len = 0;
 
     /* calibrate's options, then every backend's own (backend.h) */
     moecal_optdef *defs = moecal_backend_add_options(moecal_calibrate_options);
     if (!defs)
         moecal_fatal(moecal_error_set(MOECAL_ERR_NOMEM, "out of memory for the options"));
-    o = moecal_cmd_begin("calibrate", defs, NULL, summary, 0, print_router_logits, argc, argv);
+    o = moecal_cmd_begin("calibrate", defs, NULL, summary, 0, print_router_logits, &a, argc,
+                         argv);
     if (!o) {
         free(defs);
         return 0;
     }
-    moecal_set_verbosity_from(o);
+    moecal_set_verbosity_from(&a.verbosity);
 
     s = moecal_comm_init(MPI_COMM_WORLD, &c);
     moecal_check_all(s);
-    po.bind = moecal_opts_flag(o, "bind");
+    po.bind = a.bind;
     s = moecal_placement_compute(&c, &po, &me);
     moecal_check_all(s);
     s = moecal_placement_gather(&c, &me, &all);
@@ -200,32 +217,31 @@ int moecal_cmd_calibrate(int argc, char **argv)
     if (len > 0 && (!pjson || MPI_Bcast(pjson, len, MPI_CHAR, 0, c.world) != MPI_SUCCESS))
         moecal_fatal(moecal_error_set(MOECAL_ERR_MPI, "MPI_Bcast of the placement failed"));
 
-    p.output = moecal_opts_str(o, "output");
-    p.model_dir = moecal_opts_str(o, "model");
+    p.output = a.output;
+    p.model_dir = a.model;
     if (!p.model_dir) {
-        s = demo_model(o, p.output, demo_dir, sizeof demo_dir);
+        s = demo_model(&a, demo_dir, sizeof demo_dir);
         moecal_check_all(s);
         p.model_dir = demo_dir;
     }
-    p.activations = moecal_opts_str(o, "activations");
-    p.force = moecal_opts_flag(o, "force");
-    p.all_experts = moecal_opts_flag(o, "calib-all-experts");
-    p.chunk_tokens = moecal_opts_int(o, "chunk-tokens");
-    p.max_tokens = moecal_opts_int(o, "max-tokens");
-    p.layers = moecal_opts_str(o, "layers");
-    qf = moecal_opts_str(o, "quant-format");
-    p.qfmt = strcmp(qf, "fp8") == 0 ? MOECAL_QFMT_FP8 : MOECAL_QFMT_NVFP4;
-    p.backend = moecal_opts_str(o, "backend");
-    p.router_logits = moecal_router_logits_parse(moecal_opts_str(o, "router-logits"));
-    nf = moecal_opts_str(o, "nonfinite");
-    p.nonfinite = strcmp(nf, "skip") == 0 ? MOECAL_NONFINITE_SKIP : MOECAL_NONFINITE_ERROR;
-    p.threads = (int)moecal_opts_int(o, "threads");
-    p.gpu_mem_limit = (uint64_t)moecal_opts_int(o, "gpu-mem-limit");
+    p.activations = a.activations;
+    p.force = a.force;
+    p.all_experts = a.all_experts;
+    p.chunk_tokens = a.chunk_tokens;
+    p.max_tokens = a.max_tokens;
+    p.layers = a.layers;
+    p.qfmt = strcmp(a.quant_format, "fp8") == 0 ? MOECAL_QFMT_FP8 : MOECAL_QFMT_NVFP4;
+    p.backend = a.backend;
+    p.router_logits = moecal_router_logits_parse(a.router_logits);
+    p.nonfinite = strcmp(a.nonfinite, "skip") == 0 ? MOECAL_NONFINITE_SKIP
+                                                   : MOECAL_NONFINITE_ERROR;
+    p.threads = (int)a.threads;
+    p.gpu_mem_limit = (uint64_t)a.gpu_mem_limit;
     p.gpu = me.gpu;
     p.command_line = cmdline ? cmdline : "moecal calibrate";
     p.placement_json = pjson;
-    p.checkpoint_every = moecal_opts_int(o, "checkpoint-every");
-    p.resume = moecal_opts_flag(o, "resume");
+    p.checkpoint_every = a.checkpoint_every;
+    p.resume = a.resume;
     p.opts = o;
 
     moecal_signals_install();

@@ -11,20 +11,33 @@
 #include "runtime.h"
 
 
+/* What the options say: the job's parameters and the verbosity. */
+typedef struct export_args {
+    const char *model_dir, *amax_path, *output, *backend;
+    bool force;
+    long long threads;
+    moecal_verbosity_args verbosity;
+} export_args;
+
+#define EXP(field) MOECAL_AT(export_args, field)
+
 const moecal_optdef moecal_export_options[] = {
     {"model", 'm', MOECAL_OPT_STRING, NULL, NULL, "DIR",
-     "the Hugging Face checkpoint that was calibrated (FP8 or BF16)", 0, 0, 0},
+     "the Hugging Face checkpoint that was calibrated (FP8 or BF16)", 0, 0, 0, EXP(model_dir)},
     {"amax", 0, MOECAL_OPT_STRING, NULL, NULL, "FILE",
-     "the amax file `moecal calibrate` wrote for it", 0, 0, 0},
+     "the amax file `moecal calibrate` wrote for it", 0, 0, 0, EXP(amax_path)},
     /* not from MOECAL_OUTPUT: that names calibrate's amax file in job scripts */
     {"output", 'o', MOECAL_OPT_STRING, NULL, NULL, "DIR", "the NVFP4 checkpoint to write",
-     MOECAL_OPTF_NOENV, 0, 0},
-    {"force", 'f', MOECAL_OPT_FLAG, "0", NULL, NULL, "replace an existing output", 0, 0, 0},
+     MOECAL_OPTF_NOENV, 0, 0, EXP(output)},
+    {"force", 'f', MOECAL_OPT_FLAG, "0", NULL, NULL, "replace an existing output", 0, 0, 0,
+     EXP(force)},
     {"threads", 't', MOECAL_OPT_INT, "0", NULL, "N",
-     "workers per rank that read, quantize and write (0: OpenMP's default)", 0, 0, 4096},
+     "workers per rank that read, quantize and write (0: OpenMP's default)", 0, 0, 4096,
+     EXP(threads)},
     {"backend", 'b', MOECAL_OPT_CHOICE, "auto", "cpu|cuda|auto", "NAME",
-     "where to quantize (auto: the GPU when one is present; the bytes are the same)", 0, 0, 0},
-    MOECAL_OPTS_VERBOSITY,
+     "where to quantize (auto: the GPU when one is present; the bytes are the same)", 0, 0, 0,
+     EXP(backend)},
+    MOECAL_OPTS_VERBOSITY(export_args),
     MOECAL_OPT_END
 };
 
@@ -40,19 +53,18 @@ int moecal_cmd_export(int argc, char **argv)
 {
     moecal_opts *o = NULL;
     moecal_comm c;
+    export_args a;
     moecal_export_params p;
     moecal_status s;
 
-    o = moecal_cmd_begin("export", moecal_export_options, NULL, summary, 0, NULL, argc, argv);
+    o = moecal_cmd_begin("export", moecal_export_options, NULL, summary, 0, NULL, &a, argc,
+                         argv);
     if (!o)
         return 0;
-    moecal_set_verbosity_from(o);
-    p.model_dir = moecal_opts_str(o, "model");
-    p.amax_path = moecal_opts_str(o, "amax");
-    p.output = moecal_opts_str(o, "output");
-    p.force = moecal_opts_flag(o, "force");
-    p.threads = (int)moecal_opts_int(o, "threads");
-    p.backend = moecal_opts_str(o, "backend");
+    moecal_set_verbosity_from(&a.verbosity);
+    p = (moecal_export_params){.model_dir = a.model_dir, .amax_path = a.amax_path,
+                               .output = a.output, .force = a.force, .threads = (int)a.threads,
+                               .backend = a.backend};
 
     s = moecal_comm_init(MPI_COMM_WORLD, &c);
     moecal_check_all(s);

@@ -37,9 +37,13 @@
 #define MAX_INDEX_BYTES (256u << 20)
 #define SHOW_MISSING 10
 
+typedef struct inspect_args {
+    bool json;
+} inspect_args;
+
 const moecal_optdef moecal_inspect_options[] = {
     {"json", 'j', MOECAL_OPT_FLAG, "0", NULL, NULL, "print one JSON object instead of text", 0,
-     0, 0},
+     0, 0, MOECAL_AT(inspect_args, json)},
     MOECAL_OPT_END
 };
 
@@ -774,12 +778,9 @@ static json_t *attr_value(hid_t a)
     }
     if (!v)
         v = json_string("(not shown)");
-    if (mt >= 0)
-        H5Tclose(mt);
-    if (sp >= 0)
-        H5Sclose(sp);
-    if (t >= 0)
-        H5Tclose(t);
+    moecal_h5_close(&mt);
+    moecal_h5_close(&sp);
+    moecal_h5_close(&t);
     H5Eclear2(H5E_DEFAULT);
     return v;
 }
@@ -959,16 +960,18 @@ static moecal_status inspect(const char *path, bool as_json, bool *complete)
 int moecal_cmd_inspect(int argc, char **argv)
 {
     moecal_opts *o = NULL;
+    inspect_args a;
     moecal_status s = MOECAL_OK;
     bool complete = true;
     int rc = 0;
 
-    o = moecal_cmd_begin("inspect", moecal_inspect_options, "PATH", summary, 1, NULL, argc, argv);
+    o = moecal_cmd_begin("inspect", moecal_inspect_options, "PATH", summary, 1, NULL, &a, argc,
+                         argv);
     if (!o)
         return 0;
     /* Rank 0 reads and prints; the others wait for its status. */
     if (moecal_world_rank() == 0) {
-        s = inspect(moecal_opts_pos(o, 0), moecal_opts_flag(o, "json"), &complete);
+        s = inspect(moecal_opts_pos(o, 0), a.json, &complete);
         fflush(stdout);
     }
     if (moecal_world_size() > 1) {

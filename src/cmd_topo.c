@@ -19,12 +19,18 @@ static const char summary[] =
     "HWLOC_XMLFILE or HWLOC_SYNTHETIC plan the placement on another topology (nothing\n"
     "is bound then); MOECAL_FAKE_NODES=N splits each node into N fake nodes.";
 
+typedef struct topo_args {
+    bool bind, json;
+} topo_args;
+
+#define TOPO(field) MOECAL_AT(topo_args, field)
+
 const moecal_optdef moecal_topo_options[] = {
     {"bind", 0, MOECAL_OPT_FLAG, "1", NULL, NULL,
-     "bind each rank as calibrate would (--no-bind: plan only)", 0, 0, 0},
+     "bind each rank as calibrate would (--no-bind: plan only)", 0, 0, 0, TOPO(bind)},
     {"json", 0, MOECAL_OPT_FLAG, "0", NULL, NULL,
-     "print the placement as JSON (one object per rank) instead of the table", 0, 0, 0},
-    {NULL, 0, MOECAL_OPT_FLAG, NULL, NULL, NULL, NULL, 0, 0, 0}
+     "print the placement as JSON (one object per rank) instead of the table", 0, 0, 0, TOPO(json)},
+    MOECAL_OPT_END
 };
 
 /* The JSON array with one rank per line. */
@@ -59,19 +65,20 @@ static moecal_status print_json(FILE *fp, const moecal_placement *all, int n)
 int moecal_cmd_topo(int argc, char **argv)
 {
     moecal_opts *o = NULL;
+    topo_args a;
     moecal_status s;
     moecal_comm c;
     moecal_placement me, *all = NULL;
     moecal_place_opts po = {0};
     char source[600];
 
-    o = moecal_cmd_begin("topo", moecal_topo_options, NULL, summary, 0, NULL, argc, argv);
+    o = moecal_cmd_begin("topo", moecal_topo_options, NULL, summary, 0, NULL, &a, argc, argv);
     if (!o)
         return 0;
 
     s = moecal_comm_init(MPI_COMM_WORLD, &c);
     moecal_check_all(s);
-    po.bind = moecal_opts_flag(o, "bind");
+    po.bind = a.bind;
     po.cuda_visible = NULL;
     s = moecal_placement_compute(&c, &po, &me);
     moecal_check_all(s);
@@ -79,7 +86,7 @@ int moecal_cmd_topo(int argc, char **argv)
     moecal_check_all(s);
 
     if (c.rank == 0) {
-        if (moecal_opts_flag(o, "json")) {
+        if (a.json) {
             s = print_json(stdout, all, c.size);
         } else {
             moecal_placement_topology_source(source, sizeof source);

@@ -9,30 +9,11 @@
 #include <unistd.h>
 
 #include "comm.h"
+#include "runtime.h"
 
 /* Longest host name taken from MOECAL_HOSTNAME or gethostname(), leaving room
  * for the "~<fake node>" suffix. */
 #define HOST_NAME_KEEP 200
-
-static moecal_status mpi_error(int rc, const char *what)
-{
-    char msg[MPI_MAX_ERROR_STRING];
-    int len = 0;
-
-    if (MPI_Error_string(rc, msg, &len) != MPI_SUCCESS)
-        snprintf(msg, sizeof msg, "MPI error code %d", rc);
-    return moecal_error_set(MOECAL_ERR_MPI, "%s failed: %s", what, msg);
-}
-
-/* Evaluate an MPI call once; on failure record the error and go to fail. */
-#define COMM_CHECK(call)                                   \
-    do {                                                   \
-        int comm_rc_ = (call);                             \
-        if (comm_rc_ != MPI_SUCCESS) {                     \
-            s = mpi_error(comm_rc_, #call);                \
-            goto fail;                                     \
-        }                                                  \
-    } while (0)
 
 moecal_status moecal_comm_agree(MPI_Comm comm, moecal_status local)
 {
@@ -43,7 +24,7 @@ moecal_status moecal_comm_agree(MPI_Comm comm, moecal_status local)
     if (rc == MPI_SUCCESS)
         rc = MPI_Comm_size(comm, &size);
     if (rc != MPI_SUCCESS)
-        return local != MOECAL_OK ? local : mpi_error(rc, "MPI_Comm_rank/size");
+        return local != MOECAL_OK ? local : moecal_mpi_error(rc, "MPI_Comm_rank/size");
     /* (largest exit code of a failed rank, size - lowest failed rank) */
     mine[0] = local != MOECAL_OK ? moecal_status_exit_code(local) : 0;
     if (local != MOECAL_OK && mine[0] == 0)
@@ -51,7 +32,7 @@ moecal_status moecal_comm_agree(MPI_Comm comm, moecal_status local)
     mine[1] = local != MOECAL_OK ? size - rank : 0;
     rc = MPI_Allreduce(mine, all, 2, MPI_INT, MPI_MAX, comm);
     if (rc != MPI_SUCCESS)
-        return local != MOECAL_OK ? local : mpi_error(rc, "MPI_Allreduce (error state)");
+        return local != MOECAL_OK ? local : moecal_mpi_error(rc, "MPI_Allreduce (error state)");
     if (all[1] == 0)
         return MOECAL_OK;
     /* One message, from the lowest failed rank: ranks often fail alike. */
@@ -131,17 +112,17 @@ moecal_status moecal_comm_init(MPI_Comm world, moecal_comm *c)
     memset(c, 0, sizeof *c);
     c->world = c->node = c->leader = MPI_COMM_NULL;
 
-    COMM_CHECK(MPI_Comm_dup(world, &c->world));
-    COMM_CHECK(MPI_Comm_set_errhandler(c->world, MPI_ERRORS_RETURN));
-    COMM_CHECK(MPI_Comm_set_name(c->world, "moecal world"));
-    COMM_CHECK(MPI_Comm_rank(c->world, &c->rank));
-    COMM_CHECK(MPI_Comm_size(c->world, &c->size));
+    MOECAL_MPI_GOTO(MPI_Comm_dup(world, &c->world), fail);
+    MOECAL_MPI_GOTO(MPI_Comm_set_errhandler(c->world, MPI_ERRORS_RETURN), fail);
+    MOECAL_MPI_GOTO(MPI_Comm_set_name(c->world, "moecal world"), fail);
+    MOECAL_MPI_GOTO(MPI_Comm_rank(c->world, &c->rank), fail);
+    MOECAL_MPI_GOTO(MPI_Comm_size(c->world, &c->size), fail);
 
-    COMM_CHECK(MPI_Comm_split_type(c->world, MPI_COMM_TYPE_SHARED, c->rank, MPI_INFO_NULL,
-                                   &real));
-    COMM_CHECK(MPI_Comm_set_errhandler(real, MPI_ERRORS_RETURN));
-    COMM_CHECK(MPI_Comm_rank(real, &real_rank));
-    COMM_CHECK(MPI_Comm_size(real, &real_size));
+    MOECAL_MPI_GOTO(MPI_Comm_split_type(c->world, MPI_COMM_TYPE_SHARED, c->rank, MPI_INFO_NULL,
+                                        &real), fail);
+    MOECAL_MPI_GOTO(MPI_Comm_set_errhandler(real, MPI_ERRORS_RETURN), fail);
+    MOECAL_MPI_GOTO(MPI_Comm_rank(real, &real_rank), fail);
+    MOECAL_MPI_GOTO(MPI_Comm_size(real, &real_size), fail);
 
     /* Checks of the environment may fail on some ranks only (node sizes
      * differ): agree before the next collective. */
@@ -154,28 +135,28 @@ moecal_status moecal_comm_init(MPI_Comm world, moecal_comm *c)
 
     if (nfake > 1) {
         fake_id = (int)((long long)real_rank * nfake / real_size);
-        COMM_CHECK(MPI_Comm_split(real, fake_id, real_rank, &c->node));
+        MOECAL_MPI_GOTO(MPI_Comm_split(real, fake_id, real_rank, &c->node), fail);
         free_comm(&real);
-        COMM_CHECK(MPI_Comm_set_errhandler(c->node, MPI_ERRORS_RETURN));
+        MOECAL_MPI_GOTO(MPI_Comm_set_errhandler(c->node, MPI_ERRORS_RETURN), fail);
         /* host is at most HOST_NAME_KEEP long: the suffix fits. */
         snprintf(c->host + strlen(c->host), sizeof c->host - strlen(c->host), "~%d", fake_id);
     } else {
         c->node = real;
         real = MPI_COMM_NULL;
     }
-    COMM_CHECK(MPI_Comm_set_name(c->node, "moecal node"));
-    COMM_CHECK(MPI_Comm_rank(c->node, &c->node_rank));
-    COMM_CHECK(MPI_Comm_size(c->node, &c->node_size));
+    MOECAL_MPI_GOTO(MPI_Comm_set_name(c->node, "moecal node"), fail);
+    MOECAL_MPI_GOTO(MPI_Comm_rank(c->node, &c->node_rank), fail);
+    MOECAL_MPI_GOTO(MPI_Comm_size(c->node, &c->node_size), fail);
 
-    COMM_CHECK(MPI_Comm_split(c->world, c->node_rank == 0 ? 0 : MPI_UNDEFINED, c->rank,
-                              &c->leader));
+    MOECAL_MPI_GOTO(MPI_Comm_split(c->world, c->node_rank == 0 ? 0 : MPI_UNDEFINED, c->rank,
+                                   &c->leader), fail);
     if (c->leader != MPI_COMM_NULL) {
-        COMM_CHECK(MPI_Comm_set_errhandler(c->leader, MPI_ERRORS_RETURN));
-        COMM_CHECK(MPI_Comm_set_name(c->leader, "moecal leaders"));
-        COMM_CHECK(MPI_Comm_rank(c->leader, &info[0]));
-        COMM_CHECK(MPI_Comm_size(c->leader, &info[1]));
+        MOECAL_MPI_GOTO(MPI_Comm_set_errhandler(c->leader, MPI_ERRORS_RETURN), fail);
+        MOECAL_MPI_GOTO(MPI_Comm_set_name(c->leader, "moecal leaders"), fail);
+        MOECAL_MPI_GOTO(MPI_Comm_rank(c->leader, &info[0]), fail);
+        MOECAL_MPI_GOTO(MPI_Comm_size(c->leader, &info[1]), fail);
     }
-    COMM_CHECK(MPI_Bcast(info, 2, MPI_INT, 0, c->node));
+    MOECAL_MPI_GOTO(MPI_Bcast(info, 2, MPI_INT, 0, c->node), fail);
     c->node_id = info[0];
     c->n_nodes = info[1];
     return MOECAL_OK;
@@ -199,7 +180,7 @@ moecal_status moecal_comm_free(moecal_comm *c)
             continue;
         rc = MPI_Comm_free(comms[i]);
         if (rc != MPI_SUCCESS && s == MOECAL_OK)
-            s = mpi_error(rc, "MPI_Comm_free");
+            s = moecal_mpi_error(rc, "MPI_Comm_free");
         *comms[i] = MPI_COMM_NULL;
     }
     return s;

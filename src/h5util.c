@@ -39,13 +39,9 @@ typedef struct h5attr {
 
 static void attr_close(h5attr *a)
 {
-    if (a->space >= 0)
-        H5Sclose(a->space);
-    if (a->type >= 0)
-        H5Tclose(a->type);
-    if (a->attr >= 0)
-        H5Aclose(a->attr);
-    a->attr = a->type = a->space = -1;
+    moecal_h5_close(&a->space);
+    moecal_h5_close(&a->type);
+    moecal_h5_close(&a->attr);
 }
 
 static moecal_status attr_open(hid_t obj, const char *path, const char *name, bool required,
@@ -169,4 +165,23 @@ moecal_status moecal_h5_attr_int(hid_t obj, const char *path, const char *name, 
         st = moecal_h5_fail(path, "reading attribute '%s'", name);
     attr_close(&a);
     return st;
+}
+
+/* Close an id of any kind if it is valid; errors while cleaning up are
+ * ignored (the first error is the one reported). */
+void moecal_h5_close(hid_t *id)
+{
+    if (*id < 0)
+        return;
+    switch (H5Iget_type(*id)) {
+    case H5I_FILE: H5Fclose(*id); break;
+    case H5I_GROUP: H5Gclose(*id); break;
+    case H5I_DATATYPE: H5Tclose(*id); break;
+    case H5I_DATASPACE: H5Sclose(*id); break;
+    case H5I_DATASET: H5Dclose(*id); break;
+    case H5I_ATTR: H5Aclose(*id); break;
+    case H5I_GENPROP_LST: H5Pclose(*id); break;
+    default: H5Idec_ref(*id); break;
+    }
+    *id = -1;
 }

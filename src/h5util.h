@@ -32,6 +32,11 @@ moecal_status moecal_h5_attr_int(hid_t obj, const char *path, const char *name, 
  * with the innermost message of HDF5's error stack when it has one ("...
  * (HDF5: H5Dread: can't read data)"), and return it.  moecal turns HDF5's
  * printing of the stack off. */
+/* Close *id, whatever kind of id it is, if it is valid, and set it to -1;
+ * errors while cleaning up are ignored (the first error is the one
+ * reported). */
+void moecal_h5_close(hid_t *id);
+
 moecal_status moecal_h5_fail(const char *where, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 

@@ -86,24 +86,6 @@ static char *path_join(const char *dir, const char *name)
     return p;
 }
 
-/* Names from the index are untrusted: quote them with control bytes escaped. */
-static const char *shown(char *buf, size_t n, const char *s)
-{
-    size_t o = 0;
-
-    for (; *s && o + 5 < n; s++) {
-        unsigned char c = (unsigned char)*s;
-        if (c < 0x20 || c == 0x7f)
-            o += (size_t)snprintf(buf + o, n - o, "\\x%02x", c);
-        else
-            buf[o++] = (char)c;
-    }
-    buf[o] = '\0';
-    if (*s && n > 4)
-        memcpy(buf + n - 4, "...", 4);
-    return buf;
-}
-
 static void fmt_shape(char *buf, size_t n, const moecal_st_tensor *t)
 {
     size_t o = (size_t)snprintf(buf, n, "[");
@@ -202,14 +184,14 @@ static moecal_status check_shard_name(const char *ipath, const char *tensor, con
     if (!json_is_string(v))
         return moecal_error_set(MOECAL_ERR_FORMAT,
                                 "%s: weight_map entry '%s' is not a string",
-                                ipath, shown(tb, sizeof tb, tensor));
+                                ipath, moecal_printable(tb, sizeof tb, tensor));
     s = json_string_value(v);
     if (strlen(s) != json_string_length(v) || s[0] == '\0' || strchr(s, '/') != NULL ||
         strcmp(s, ".") == 0 || strcmp(s, "..") == 0)
         return moecal_error_set(MOECAL_ERR_FORMAT,
                                 "%s: tensor '%s' is mapped to '%s', which is not a plain file "
                                 "name in the model directory", ipath,
-                                shown(tb, sizeof tb, tensor), shown(sb, sizeof sb, s));
+                                moecal_printable(tb, sizeof tb, tensor), moecal_printable(sb, sizeof sb, s));
     return MOECAL_OK;
 }
 
@@ -299,13 +281,13 @@ static moecal_status load_index(moecal_model *m, const char *ipath)
         char sb[NAME_MAX_LEN];
         if (stat(m->shards[i].path, &st) != 0) {
             rc = moecal_error_errno(errno, "%s: shard '%s' listed in %s is missing", m->dir,
-                                    shown(sb, sizeof sb, m->shards[i].name), INDEX_NAME);
+                                    moecal_printable(sb, sizeof sb, m->shards[i].name), INDEX_NAME);
             goto out;
         }
         if (!S_ISREG(st.st_mode)) {
             rc = moecal_error_set(MOECAL_ERR_FORMAT, "%s: shard '%s' listed in %s is not a "
                                   "regular file", m->dir,
-                                  shown(sb, sizeof sb, m->shards[i].name), INDEX_NAME);
+                                  moecal_printable(sb, sizeof sb, m->shards[i].name), INDEX_NAME);
             goto out;
         }
     }
@@ -593,6 +575,19 @@ static uint16_t bf16_scan(const uint16_t *p, size_t n, uint64_t *nonfinite)
     return mx;
 }
 
+/* The largest finite |p[i]| of float p[n], max'ed into *mx; counts
+ * non-finite. */
+static void f32_scan(const float *p, size_t n, float *mx, uint64_t *nonfinite)
+{
+    for (size_t i = 0; i < n; i++) {
+        float a = fabsf(p[i]);
+        if (!isfinite(a))
+            (*nonfinite)++;
+        else if (a > *mx)
+            *mx = a;
+    }
+}
+
 typedef enum { OUT_BF16, OUT_F32 } out_kind;
 
 /* A 2-D weight found and checked: shape [rows, cols] (expect names where it
@@ -724,18 +719,10 @@ static moecal_status load_2d(moecal_model *m, const char *name, size_t rows, siz
         rc = moecal_st_read(f, t, dst, n * esz);
         if (rc != MOECAL_OK)
             goto out;
-        if (kind == OUT_BF16) {
+        if (kind == OUT_BF16)
             mx = bf16_scan(dst, n, &nonfinite);
-        } else {
-            const float *d = dst;
-            for (size_t i = 0; i < n; i++) {
-                float a = fabsf(d[i]);
-                if (!isfinite(a))
-                    nonfinite++;
-                else if (a > fmx)
-                    fmx = a;
-            }
-        }
+        else
+            f32_scan(dst, n, &fmx, &nonfinite);
         goto check;
     }
 
@@ -797,13 +784,7 @@ static moecal_status load_2d(moecal_model *m, const char *name, size_t rows, siz
                     uint16_t cm = bf16_scan(ob, cn, &nonfinite);
                     mx = cm > mx ? cm : mx;
                 } else {
-                    for (size_t i = 0; i < cn; i++) {
-                        float a = fabsf(of[i]);
-                        if (!isfinite(a))
-                            nonfinite++;
-                        else if (a > fmx)
-                            fmx = a;
-                    }
+                    f32_scan(of, cn, &fmx, &nonfinite);
                 }
                 break;
             }

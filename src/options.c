@@ -436,6 +436,17 @@ static moecal_status parse_cli(moecal_opts *o, int argc, char **argv)
     return MOECAL_OK;
 }
 
+/* The C type a value of this option type is stored in. */
+static moecal_field_kind field_kind(moecal_opt_type t)
+{
+    switch (t) {
+    case MOECAL_OPT_FLAG: return MOECAL_FIELD_BOOL;
+    case MOECAL_OPT_INT: return MOECAL_FIELD_LLONG;
+    case MOECAL_OPT_FLOAT: return MOECAL_FIELD_DOUBLE;
+    default: return MOECAL_FIELD_STR;
+    }
+}
+
 moecal_status moecal_opts_parse(const char *cmd, const moecal_optdef *defs,
                                 const char *positional_usage, int argc, char **argv,
                                 moecal_opts **out)
@@ -450,8 +461,14 @@ moecal_status moecal_opts_parse(const char *cmd, const moecal_optdef *defs,
         return moecal_error_set(MOECAL_ERR_NOMEM, "out of memory parsing options");
     o->cmd = cmd;
     o->defs = defs;
-    while (defs[o->ndefs].name)
-        o->ndefs++;
+    for (; defs[o->ndefs].name; o->ndefs++) {
+        const moecal_optdef *d = &defs[o->ndefs];
+        if (d->field != MOECAL_FIELD_NONE && d->field != field_kind(d->type)) {
+            moecal_opts_free(o);
+            return moecal_error_set(MOECAL_ERR_INTERNAL, "option --%s of '%s' is stored in a "
+                                    "field of the wrong C type", d->name, cmd);
+        }
+    }
     o->val = calloc((size_t)o->ndefs + 1, sizeof *o->val);
     if (!o->val) {
         moecal_opts_free(o);
@@ -515,6 +532,47 @@ static const opt_value *lookup(const moecal_opts *o, const char *name)
         abort();
     }
     return &o->val[idx];
+}
+
+moecal_status moecal_opts_bind(const moecal_opts *o, const moecal_optdef *defs, void *args)
+{
+    for (const moecal_optdef *d = defs; d->name; d++) {
+        int idx = find_def(o->defs, o->ndefs, d->name, strlen(d->name));
+        const char *t;
+        char *f = (char *)args + d->at;
+
+        if (d->field == MOECAL_FIELD_NONE)
+            continue;
+        if (idx < 0)
+            return moecal_error_set(MOECAL_ERR_INTERNAL, "option --%s is not an option of "
+                                    "'%s'", d->name, o->cmd);
+        t = o->val[idx].text;
+        switch (d->field) {
+        case MOECAL_FIELD_BOOL: {
+            bool b = false;
+            if (t)
+                (void)parse_bool(t, &b);
+            memcpy(f, &b, sizeof b);
+            break;
+        }
+        case MOECAL_FIELD_LLONG: {
+            long long v = 0;
+            if (t)
+                (void)parse_int(t, &v);
+            memcpy(f, &v, sizeof v);
+            break;
+        }
+        case MOECAL_FIELD_DOUBLE: {
+            double v = t ? strtod(t, NULL) : 0.0;
+            memcpy(f, &v, sizeof v);
+            break;
+        }
+        default:
+            memcpy(f, &t, sizeof t);
+            break;
+        }
+    }
+    return MOECAL_OK;
 }
 
 bool moecal_opts_help(const moecal_opts *o) { return o->help; }

@@ -12,6 +12,7 @@
 #define MOECAL_OPTIONS_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdio.h>
 
 #include "error.h"
@@ -33,6 +34,30 @@ enum {
     MOECAL_OPTF_NOCONF = 1u << 1   /* not read from a conf file */
 };
 
+/* The C type of the field an option's value is stored in (moecal_opts_bind):
+ * FLAG in bool, INT in long long, FLOAT in double, STRING and CHOICE in
+ * const char * (the parsed text, valid until moecal_opts_free; NULL when
+ * unset). */
+typedef enum moecal_field_kind {
+    MOECAL_FIELD_NONE = 0,  /* not bound: read by name (moecal_opts_str and others) */
+    MOECAL_FIELD_BOOL,
+    MOECAL_FIELD_LLONG,
+    MOECAL_FIELD_DOUBLE,
+    MOECAL_FIELD_STR
+} moecal_field_kind;
+
+/* The last two members of a table row: the option is stored in field F of
+ * the struct T.  A misspelt field fails to compile; a field whose C type does
+ * not suit the option's type is refused by moecal_opts_parse. */
+#define MOECAL_AT(T, F)                                                                     \
+    offsetof(T, F), _Generic(((T *)0)->F, bool: MOECAL_FIELD_BOOL,                          \
+                             long long: MOECAL_FIELD_LLONG, double: MOECAL_FIELD_DOUBLE,    \
+                             const char *: MOECAL_FIELD_STR)
+
+/* The last two members of a row whose value is read by name
+ * (moecal_opts_int and the others) rather than stored in a field. */
+#define MOECAL_UNBOUND 0, MOECAL_FIELD_NONE
+
 typedef struct moecal_optdef {
     const char *name;      /* long name: "chunk-tokens" */
     int short_name;        /* 'o' or 0 */
@@ -44,19 +69,29 @@ typedef struct moecal_optdef {
     unsigned flags;
     double min, max;       /* MOECAL_OPT_INT and MOECAL_OPT_FLOAT: the allowed range,
                             * when min < max (integers are exact up to 2^53) */
+    size_t at;             /* MOECAL_AT: the offset of the field ... */
+    moecal_field_kind field;   /* ... and its C type (NONE: not bound) */
 } moecal_optdef;
 
-/* --quiet, -v/--verbose and --verbose-ranks, for the commands of long jobs
- * (moecal_set_verbosity_from in runtime.h applies them). */
-#define MOECAL_OPTS_VERBOSITY                                                               \
-    {"quiet", 0, MOECAL_OPT_FLAG, "0", NULL, NULL, "print errors only", 0, 0, 0},            \
+/* --quiet, -v/--verbose and --verbose-ranks, for the commands of long jobs,
+ * stored in the member `verbosity` of T (moecal_set_verbosity_from in
+ * runtime.h applies them). */
+typedef struct moecal_verbosity_args {
+    bool quiet;
+    long long verbose, verbose_ranks;
+} moecal_verbosity_args;
+
+#define MOECAL_OPTS_VERBOSITY(T)                                                            \
+    {"quiet", 0, MOECAL_OPT_FLAG, "0", NULL, NULL, "print errors only", 0, 0, 0,            \
+     MOECAL_AT(T, verbosity.quiet)},                                                        \
     {"verbose", 'v', MOECAL_OPT_INT, "1", NULL, "LEVEL",                                    \
-     "what rank 0 prints: 0 errors, 1 progress, 2 details, 3 debug", 0, 0, 3},              \
+     "what rank 0 prints: 0 errors, 1 progress, 2 details, 3 debug", 0, 0, 3,               \
+     MOECAL_AT(T, verbosity.verbose)},                                                      \
     {"verbose-ranks", 0, MOECAL_OPT_INT, "0", NULL, "LEVEL",                                \
-     "what every rank prints (same levels)", 0, 0, 3}
+     "what every rank prints (same levels)", 0, 0, 3, MOECAL_AT(T, verbosity.verbose_ranks)}
 
 /* The entry that ends every table. */
-#define MOECAL_OPT_END {NULL, 0, MOECAL_OPT_FLAG, NULL, NULL, NULL, NULL, 0, 0, 0}
+#define MOECAL_OPT_END {NULL, 0, MOECAL_OPT_FLAG, NULL, NULL, NULL, NULL, 0, 0, 0, 0, 0}
 
 typedef struct moecal_opts moecal_opts;
 
@@ -69,6 +104,11 @@ moecal_status moecal_opts_parse(const char *cmd, const moecal_optdef *defs,
                                 const char *positional_usage,
                                 int argc, char **argv, moecal_opts **out);
 void moecal_opts_free(moecal_opts *o);
+
+/* Store the value of every bound option of defs (a table, or the part of
+ * one, that o was parsed with) in its field of args.  Strings point into o.
+ * MOECAL_ERR_INTERNAL when an option of defs is not in o's table. */
+moecal_status moecal_opts_bind(const moecal_opts *o, const moecal_optdef *defs, void *args);
 
 bool moecal_opts_help(const moecal_opts *o);          /* --help given */
 bool moecal_opts_print_config(const moecal_opts *o);  /* --print-config given */

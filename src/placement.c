@@ -24,6 +24,8 @@
 #include <jansson.h>
 
 #include "placement.h"
+#include "runtime.h"
+#include "util.h"
 
 #define NVIDIA_VENDOR_ID 0x10de
 #define GPU_NONE (-1)           /* the rank has no GPU */
@@ -60,25 +62,6 @@ static moecal_status nomem(void)
 {
     return moecal_error_set(MOECAL_ERR_NOMEM, "out of memory in the placement");
 }
-
-static moecal_status mpi_fail(int rc, const char *what)
-{
-    char msg[MPI_MAX_ERROR_STRING];
-    int len = 0;
-
-    if (MPI_Error_string(rc, msg, &len) != MPI_SUCCESS)
-        snprintf(msg, sizeof msg, "MPI error code %d", rc);
-    return moecal_error_set(MOECAL_ERR_MPI, "%s failed: %s", what, msg);
-}
-
-#define PLACE_MPI(call)                                    \
-    do {                                                   \
-        int place_rc_ = (call);                            \
-        if (place_rc_ != MPI_SUCCESS) {                    \
-            s = mpi_fail(place_rc_, #call);                \
-            goto done;                                     \
-        }                                                  \
-    } while (0)
 
 /* ------------------------------------------------------------------ topology */
 
@@ -244,21 +227,16 @@ static int gpu_cmp(const void *a, const void *b)
 
     if (xp != yp)
         return yp - xp;
+    int c = 0;
     if (xp) {
         const struct hwloc_pcidev_attr_s *p = &x->obj->attr->pcidev, *q = &y->obj->attr->pcidev;
-        if (p->domain != q->domain)
-            return p->domain < q->domain ? -1 : 1;
-        if (p->bus != q->bus)
-            return p->bus < q->bus ? -1 : 1;
-        if (p->dev != q->dev)
-            return p->dev < q->dev ? -1 : 1;
-        if (p->func != q->func)
-            return p->func < q->func ? -1 : 1;
+        c = MOECAL_CMP(p->domain, q->domain);
+        c = c ? c : MOECAL_CMP(p->bus, q->bus);
+        c = c ? c : MOECAL_CMP(p->dev, q->dev);
+        c = c ? c : MOECAL_CMP(p->func, q->func);
     }
-    if (x->name_index != y->name_index)
-        return x->name_index < y->name_index ? -1 : 1;
-    return x->obj->logical_index < y->obj->logical_index ? -1
-           : x->obj->logical_index > y->obj->logical_index;
+    c = c ? c : MOECAL_CMP(x->name_index, y->name_index);
+    return c ? c : MOECAL_CMP(x->obj->logical_index, y->obj->logical_index);
 }
 
 /* Every NVIDIA GPU of the topology, in PCI bus id order. */
@@ -461,11 +439,9 @@ typedef struct rank_key {
 static int rank_key_cmp(const void *a, const void *b)
 {
     const rank_key *x = a, *y = b;
-    if (x->key != y->key)
-        return x->key < y->key ? -1 : 1;
-    if (x->key2 != y->key2)
-        return x->key2 < y->key2 ? -1 : 1;
-    return (x->node_rank > y->node_rank) - (x->node_rank < y->node_rank);
+    int c = MOECAL_CMP(x->key, y->key);
+    c = c ? c : MOECAL_CMP(x->key2, y->key2);
+    return c ? c : MOECAL_CMP(x->node_rank, y->node_rank);
 }
 
 /* Sort node ranks by (key, key2, node rank) into order[]. */
@@ -737,7 +713,7 @@ agree:
     s = moecal_comm_agree(c->world, s);
     if (s != MOECAL_OK)
         goto done;
-    PLACE_MPI(MPI_Allreduce(&nul, &nul_max, 1, MPI_INT, MPI_MAX, c->node));
+    MOECAL_MPI_GOTO(MPI_Allreduce(&nul, &nul_max, 1, MPI_INT, MPI_MAX, c->node), done);
     if (nul_max < 1)
         nul_max = 1;
     masks = calloc((size_t)nul_max, sizeof *masks);
@@ -752,8 +728,9 @@ agree:
     s = moecal_comm_agree(c->world, s);
     if (s != MOECAL_OK)
         goto done;
-    PLACE_MPI(MPI_Allreduce(MPI_IN_PLACE, masks, nul_max, MPI_UNSIGNED_LONG, MPI_BOR, c->node));
-    PLACE_MPI(MPI_Allgather(my_gpu, 2, MPI_INT, node_gpu, 2, MPI_INT, c->node));
+    MOECAL_MPI_GOTO(MPI_Allreduce(MPI_IN_PLACE, masks, nul_max, MPI_UNSIGNED_LONG, MPI_BOR,
+                                  c->node), done);
+    MOECAL_MPI_GOTO(MPI_Allgather(my_gpu, 2, MPI_INT, node_gpu, 2, MPI_INT, c->node), done);
 
     /* 3. Local: plan the node, take this rank's line. */
     if (hwloc_bitmap_from_ulongs(p.allowed, (unsigned)nul_max, masks) != 0) {
@@ -826,14 +803,14 @@ moecal_status moecal_placement_gather(const moecal_comm *c, const moecal_placeme
         buf = calloc((size_t)c->size, sizeof *buf);
         ok = buf != NULL;
     }
-    PLACE_MPI(MPI_Bcast(&ok, 1, MPI_INT, 0, c->world));
+    MOECAL_MPI_GOTO(MPI_Bcast(&ok, 1, MPI_INT, 0, c->world), done);
     if (!ok) {
         if (c->rank == 0)
             return nomem();
         return moecal_error_peer(0, moecal_status_exit_code(MOECAL_ERR_NOMEM));
     }
-    PLACE_MPI(MPI_Gather(mine, (int)sizeof *mine, MPI_BYTE, buf, (int)sizeof *mine, MPI_BYTE,
-                         0, c->world));
+    MOECAL_MPI_GOTO(MPI_Gather(mine, (int)sizeof *mine, MPI_BYTE, buf, (int)sizeof *mine,
+                               MPI_BYTE, 0, c->world), done);
     *all = buf;
     buf = NULL;
 done:

@@ -160,7 +160,8 @@ void moecal_opts_agree(const moecal_opts *o)
 
 moecal_opts *moecal_cmd_begin(const char *cmd, const moecal_optdef *defs, const char *pos_usage,
                               const char *summary, int npos,
-                              void (*extra)(const moecal_opts *, FILE *), int argc, char **argv)
+                              void (*extra)(const void *args, FILE *), void *args, int argc,
+                              char **argv)
 {
     moecal_opts *o = NULL;
     moecal_status s = moecal_opts_parse(cmd, defs, pos_usage, argc, argv, &o);
@@ -177,11 +178,13 @@ moecal_opts *moecal_cmd_begin(const char *cmd, const moecal_optdef *defs, const 
     /* an environment that differs between nodes must not split the job;
      * --print-config then shows what every rank will use */
     moecal_opts_agree(o);
+    if (args)
+        moecal_check_all(moecal_opts_bind(o, defs, args));
     if (moecal_opts_print_config(o)) {
         if (world_rank == 0) {
             moecal_opts_dump(o, stdout);
             if (extra)
-                extra(o, stdout);
+                extra(args, stdout);
         }
         moecal_opts_free(o);
         return NULL;
@@ -200,11 +203,19 @@ moecal_opts *moecal_cmd_begin(const char *cmd, const moecal_optdef *defs, const 
     return o;
 }
 
-void moecal_set_verbosity_from(const moecal_opts *o)
+moecal_status moecal_mpi_error(int rc, const char *what)
 {
-    moecal_set_verbosity(moecal_opts_flag(o, "quiet") ? MOECAL_LOG_QUIET
-                                                        : (int)moecal_opts_int(o, "verbose"),
-                         (int)moecal_opts_int(o, "verbose-ranks"));
+    char msg[MPI_MAX_ERROR_STRING];
+    int len = 0;
+
+    if (MPI_Error_string(rc, msg, &len) != MPI_SUCCESS)
+        snprintf(msg, sizeof msg, "MPI error code %d", rc);
+    return moecal_error_set(MOECAL_ERR_MPI, "%s failed: %s", what, msg);
+}
+
+void moecal_set_verbosity_from(const moecal_verbosity_args *v)
+{
+    moecal_set_verbosity(v->quiet ? MOECAL_LOG_QUIET : (int)v->verbose, (int)v->verbose_ranks);
 }
 
 void moecal_set_verbosity(int rank0_level, int all_level)

@@ -43,9 +43,10 @@ void moecal_check_all(moecal_status local);
 struct moecal_opts;
 void moecal_opts_agree(const struct moecal_opts *o);
 
-/* The start of every command: parse argv against defs; --help (rank 0
- * prints the usage) and --print-config (rank 0 prints the settings, then
- * extra(o, stdout) when extra is not NULL) end the command: NULL is
+/* The start of every command: parse argv against defs and store the values
+ * of its bound options (MOECAL_AT) in args; --help (rank 0 prints the
+ * usage) and --print-config (rank 0 prints the settings, then
+ * extra(args, stdout) when extra is not NULL) end the command: NULL is
  * returned and the command returns 0.  Otherwise the number of positional
  * arguments must be npos (pos_usage names them; NULL and 0 for commands
  * that take options only) and every rank must have resolved the same
@@ -53,12 +54,13 @@ void moecal_opts_agree(const struct moecal_opts *o);
 struct moecal_optdef;
 struct moecal_opts *moecal_cmd_begin(const char *cmd, const struct moecal_optdef *defs,
                                      const char *pos_usage, const char *summary, int npos,
-                                     void (*extra)(const struct moecal_opts *, FILE *),
+                                     void (*extra)(const void *args, FILE *), void *args,
                                      int argc, char **argv);
 
 void moecal_set_verbosity(int rank0_level, int all_level);
 /* From the options of MOECAL_OPTS_VERBOSITY (options.h). */
-void moecal_set_verbosity_from(const struct moecal_opts *o);
+struct moecal_verbosity_args;
+void moecal_set_verbosity_from(const struct moecal_verbosity_args *v);
 int moecal_verbosity(void);
 void moecal_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void moecal_log_all(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -71,17 +73,25 @@ void moecal_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 void moecal_signals_install(void);
 int moecal_signal_pending(void);
 
-/* Evaluate an MPI call once; on failure record its error string and return
- * MOECAL_ERR_MPI from the calling function. */
+/* MOECAL_ERR_MPI: "<what> failed: <MPI's string for rc>". */
+moecal_status moecal_mpi_error(int rc, const char *what);
+
+/* Evaluate an MPI call once; on failure record its error and return
+ * MOECAL_ERR_MPI from the calling function ... */
 #define MOECAL_MPI_CHECK(call)                                              \
     do {                                                                    \
         int moecal_mpi_rc_ = (call);                                        \
+        if (moecal_mpi_rc_ != MPI_SUCCESS)                                  \
+            return moecal_mpi_error(moecal_mpi_rc_, #call);                 \
+    } while (0)
+
+/* ... or store it in the caller's `s` and go to label. */
+#define MOECAL_MPI_GOTO(call, label)                                        \
+    do {                                                                    \
+        int moecal_mpi_rc_ = (call);                                        \
         if (moecal_mpi_rc_ != MPI_SUCCESS) {                                \
-            char moecal_mpi_msg_[MPI_MAX_ERROR_STRING];                     \
-            int moecal_mpi_len_ = 0;                                        \
-            MPI_Error_string(moecal_mpi_rc_, moecal_mpi_msg_, &moecal_mpi_len_); \
-            return moecal_error_set(MOECAL_ERR_MPI, "%s failed: %s", #call, \
-                                    moecal_mpi_msg_);                       \
+            s = moecal_mpi_error(moecal_mpi_rc_, #call);                    \
+            goto label;                                                     \
         }                                                                   \
     } while (0)
 

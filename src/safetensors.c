@@ -285,12 +285,10 @@ static moecal_status parse_entry(const char *label, const char *name, json_t *v,
 static int cmp_data_order(const void *a, const void *b)
 {
     const moecal_st_tensor *x = a, *y = b;
-    if (x->begin != y->begin)
-        return x->begin < y->begin ? -1 : 1;
+    int c = MOECAL_CMP(x->begin, y->begin);
     /* zero-size tensors first at a shared offset, then by name: deterministic */
-    if (x->end != y->end)
-        return x->end < y->end ? -1 : 1;
-    return strcmp(x->name, y->name);
+    c = c ? c : MOECAL_CMP(x->end, y->end);
+    return c ? c : strcmp(x->name, y->name);
 }
 
 /* qsort has no context argument: the index sort reads the array from here.

@@ -6,6 +6,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -52,20 +53,19 @@ moecal_status moecal_fnv1a_file(uint64_t *h, const char *path, uint64_t limit)
 
 const char *moecal_file_kind(mode_t mode)
 {
-    if (S_ISREG(mode))
-        return "a regular file";
-    if (S_ISDIR(mode))
-        return "a directory";
-    if (S_ISFIFO(mode))
-        return "a FIFO";
-    if (S_ISCHR(mode))
-        return "a character device";
-    if (S_ISBLK(mode))
-        return "a block device";
-    if (S_ISSOCK(mode))
-        return "a socket";
-    if (S_ISLNK(mode))
-        return "a symbolic link";
+    static const struct {
+        mode_t type;
+        const char *name;
+    } kinds[] = {
+        {S_IFREG, "a regular file"}, {S_IFDIR, "a directory"}, {S_IFIFO, "a FIFO"},
+        {S_IFCHR, "a character device"}, {S_IFBLK, "a block device"},
+        {S_IFSOCK, "a socket"}, {S_IFLNK, "a symbolic link"},
+    };
+
+    for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++) {
+        if ((mode & S_IFMT) == kinds[i].type)
+            return kinds[i].name;
+    }
     return "not a file";
 }
 
@@ -211,4 +211,52 @@ moecal_status moecal_path_join(char *buf, size_t n, const char *dir, const char 
                                 "this build allows", dir, name, len, n ? n - 1 : 0);
     }
     return MOECAL_OK;
+}
+
+const char *moecal_printable(char *buf, size_t n, const char *s)
+{
+    size_t o = 0;
+
+    if (n == 0)
+        return buf;
+    for (; *s && o + 5 < n; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c < 0x20 || c == 0x7f)
+            o += (size_t)snprintf(buf + o, n - o, "\\x%02x", c);
+        else
+            buf[o++] = (char)c;
+    }
+    if (*s && o + 4 < n) {
+        memcpy(buf + o, "...", 3);
+        o += 3;
+    }
+    buf[o] = '\0';
+    return buf;
+}
+
+void *moecal_carve_take(moecal_carve *c, size_t n, size_t size)
+{
+    size_t bytes;
+    void *p = c->block ? c->block + c->used : NULL;
+
+    if (__builtin_mul_overflow(n, size, &bytes) ||
+        __builtin_add_overflow(bytes, MOECAL_CARVE_ALIGN - 1, &bytes))
+        c->overflow = true;
+    bytes = bytes / MOECAL_CARVE_ALIGN * MOECAL_CARVE_ALIGN;
+    if (bytes == 0)
+        bytes = MOECAL_CARVE_ALIGN;
+    if (__builtin_add_overflow(c->used, bytes, &c->used))
+        c->overflow = true;
+    return p;
+}
+
+bool moecal_carve_alloc(moecal_carve *c)
+{
+    void *p = NULL;
+
+    if (c->overflow || posix_memalign(&p, MOECAL_CARVE_ALIGN, c->used ? c->used : 1) != 0)
+        return false;
+    c->block = p;
+    c->used = 0;
+    return true;
 }

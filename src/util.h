@@ -2,6 +2,7 @@
 #ifndef MOECAL_UTIL_H
 #define MOECAL_UTIL_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
@@ -33,6 +34,29 @@ moecal_status moecal_read_file(const char *path, const char *role, size_t limit,
  * messages about what a file holds where something else was expected. */
 struct json_t;
 const char *moecal_json_kind(const struct json_t *v);
+
+/* -1, 0 or 1 as a < b, a == b, a > b: the steps of qsort comparators. */
+#define MOECAL_CMP(a, b) (((a) > (b)) - ((a) < (b)))
+
+/* Arrays carved out of one aligned allocation.  Describe them twice with
+ * moecal_carve_take: over a carve without a block (the sizes add up), then,
+ * after moecal_carve_alloc, over the block (each call returns its array,
+ * aligned to MOECAL_CARVE_ALIGN, never NULL even for no elements).
+ * moecal_carve_alloc fails (false) on a size that overflowed or ENOMEM;
+ * free(c.block) releases every array. */
+#define MOECAL_CARVE_ALIGN 64
+typedef struct moecal_carve {
+    char *block;     /* NULL while sizing */
+    size_t used;
+    bool overflow;
+} moecal_carve;
+void *moecal_carve_take(moecal_carve *c, size_t n, size_t size);
+bool moecal_carve_alloc(moecal_carve *c);
+
+/* s as it may be quoted in a message (names from files are untrusted):
+ * control bytes as \xNN, cut with "..." when it does not fit buf; returns
+ * buf. */
+const char *moecal_printable(char *buf, size_t n, const char *s);
 
 /* "DIR/NAME" into buf[n]; a path that does not fit is MOECAL_ERR_USAGE
  * naming both parts and the limit, never a truncated path. */

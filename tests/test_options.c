@@ -15,15 +15,21 @@
 
 #include "backend.h"
 #include "options.h"
+#ifdef HAVE_CUDA
+#include "backend_cuda.h"
+#endif
 
 static const moecal_optdef defs[] = {
-    {"chunk-tokens", 'c', MOECAL_OPT_INT, "4096", NULL, "N", "tokens", 0, 1, 1 << 20},
-    {"backend", 'b', MOECAL_OPT_CHOICE, "auto", "cpu|cuda|auto", NULL, "backend", 0, 0, 0},
-    {"force", 'f', MOECAL_OPT_FLAG, "0", NULL, NULL, "force", 0, 0, 0},
-    {"scale", 0, MOECAL_OPT_FLOAT, "1.5", NULL, NULL, "scale", 0, 0.25, 2.0},
-    {"model", 'm', MOECAL_OPT_STRING, NULL, NULL, "DIR", "model", 0, 0, 0},
-    {"secret", 0, MOECAL_OPT_STRING, NULL, NULL, NULL, "cli only", MOECAL_OPTF_NOENV | MOECAL_OPTF_NOCONF, 0, 0},
-    {NULL, 0, 0, NULL, NULL, NULL, NULL, 0, 0, 0}
+    {"chunk-tokens", 'c', MOECAL_OPT_INT, "4096", NULL, "N", "tokens", 0, 1, 1 << 20,
+     MOECAL_UNBOUND},
+    {"backend", 'b', MOECAL_OPT_CHOICE, "auto", "cpu|cuda|auto", NULL, "backend", 0, 0, 0,
+     MOECAL_UNBOUND},
+    {"force", 'f', MOECAL_OPT_FLAG, "0", NULL, NULL, "force", 0, 0, 0, MOECAL_UNBOUND},
+    {"scale", 0, MOECAL_OPT_FLOAT, "1.5", NULL, NULL, "scale", 0, 0.25, 2.0, MOECAL_UNBOUND},
+    {"model", 'm', MOECAL_OPT_STRING, NULL, NULL, "DIR", "model", 0, 0, 0, MOECAL_UNBOUND},
+    {"secret", 0, MOECAL_OPT_STRING, NULL, NULL, NULL, "cli only",
+     MOECAL_OPTF_NOENV | MOECAL_OPTF_NOCONF, 0, 0, MOECAL_UNBOUND},
+    MOECAL_OPT_END
 };
 
 static moecal_status parse(int argc, char **argv, moecal_opts **o)
@@ -183,9 +189,82 @@ static void test_backend_options(void **state)
     assert_string_equal(cuda, "cuda-step=0 cuda-piece=0 cuda-streams=2 cuda-prio=0 "
                               "cuda-router=dgemm");
     free(cuda);
+    /* the backend's rows are stored in its own struct, not the command's */
+    for (size_t i = n; i < k; i++)
+        assert_int_equal(all[i].field, MOECAL_FIELD_NONE);
+    moecal_cuda_settings st = {0};
+    assert_int_equal(moecal_opts_bind(o, moecal_backend_cuda.options, &st), MOECAL_OK);
+    assert_int_equal(st.streams, 2);
+    assert_int_equal(st.prio, 0);
+    assert_string_equal(st.router, "dgemm");
 #endif
     moecal_opts_free(o);
     free(all);
+}
+
+/* Values stored in the fields the table names. */
+typedef struct bound_args {
+    long long chunk;
+    const char *backend, *model;
+    bool force;
+    double scale;
+    struct { long long verbose; } inner;
+} bound_args;
+
+#define B(f) MOECAL_AT(bound_args, f)
+
+static const moecal_optdef bound_defs[] = {
+    {"chunk-tokens", 'c', MOECAL_OPT_INT, "4096", NULL, "N", "tokens", 0, 1, 1 << 20, B(chunk)},
+    {"backend", 'b', MOECAL_OPT_CHOICE, "auto", "cpu|cuda|auto", NULL, "backend", 0, 0, 0,
+     B(backend)},
+    {"force", 'f', MOECAL_OPT_FLAG, "0", NULL, NULL, "force", 0, 0, 0, B(force)},
+    {"scale", 0, MOECAL_OPT_FLOAT, "1.5", NULL, NULL, "scale", 0, 0.25, 2.0, B(scale)},
+    {"model", 'm', MOECAL_OPT_STRING, NULL, NULL, "DIR", "model", 0, 0, 0, B(model)},
+    {"verbose", 'v', MOECAL_OPT_INT, "1", NULL, NULL, "level", 0, 0, 3, B(inner.verbose)},
+    {"unbound", 0, MOECAL_OPT_INT, "7", NULL, NULL, "read by name", 0, 0, 0, MOECAL_UNBOUND},
+    MOECAL_OPT_END
+};
+
+static void test_bind(void **state)
+{
+    (void)state;
+    char *argv[] = {"calibrate", "-c", "2k", "--force", "--scale=0.5", "-v", "3", "-b", "cpu",
+                    NULL};
+    moecal_opts *o;
+    bound_args a;
+
+    memset(&a, 0xa5, sizeof a);
+    assert_int_equal(moecal_opts_parse("calibrate", bound_defs, NULL, 9, argv, &o), MOECAL_OK);
+    assert_int_equal(moecal_opts_bind(o, bound_defs, &a), MOECAL_OK);
+    assert_int_equal(a.chunk, 2048);
+    assert_string_equal(a.backend, "cpu");
+    assert_true(a.force);
+    assert_true(a.scale == 0.5);
+    assert_null(a.model);               /* unset: NULL */
+    assert_int_equal(a.inner.verbose, 3);
+    assert_int_equal(moecal_opts_int(o, "unbound"), 7);
+    moecal_opts_free(o);
+
+    /* defaults */
+    assert_int_equal(moecal_opts_parse("calibrate", bound_defs, NULL, 1, argv, &o), MOECAL_OK);
+    assert_int_equal(moecal_opts_bind(o, bound_defs, &a), MOECAL_OK);
+    assert_int_equal(a.chunk, 4096);
+    assert_false(a.force);
+    assert_true(a.scale == 1.5);
+    /* a table with an option o was not parsed with */
+    assert_int_equal(moecal_opts_bind(o, (moecal_optdef[]){
+                         {"other", 0, MOECAL_OPT_FLAG, "0", NULL, NULL, "x", 0, 0, 0, B(force)},
+                         MOECAL_OPT_END}, &a), MOECAL_ERR_INTERNAL);
+    moecal_opts_free(o);
+
+    /* a field whose C type does not suit the option is refused by the parser */
+    moecal_optdef wrong[] = {
+        {"force", 'f', MOECAL_OPT_FLAG, "0", NULL, NULL, "force", 0, 0, 0, B(chunk)},
+        MOECAL_OPT_END
+    };
+    assert_int_equal(moecal_opts_parse("calibrate", wrong, NULL, 1, argv, &o),
+                     MOECAL_ERR_INTERNAL);
+    assert_null(o);
 }
 
 int main(void)
@@ -196,6 +275,7 @@ int main(void)
         cmocka_unit_test(test_bad_values),
         cmocka_unit_test(test_precedence),
         cmocka_unit_test(test_backend_options),
+        cmocka_unit_test(test_bind),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

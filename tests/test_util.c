@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "util.h"
@@ -79,6 +80,57 @@ static void test_percentile_and_clock(void **state)
     assert_true(t0 > 0 && t1 >= t0);
 }
 
+static void test_printable(void **state)
+{
+    char buf[16];
+    (void)state;
+    assert_string_equal(moecal_printable(buf, sizeof buf, "layers"), "layers");
+    assert_string_equal(moecal_printable(buf, sizeof buf, "a\nb\x7f"), "a\\x0ab\\x7f");
+    /* cut with "..." when it does not fit, the NUL always inside */
+    assert_string_equal(moecal_printable(buf, sizeof buf, "0123456789abcdefghij"),
+                        "0123456789a...");
+    assert_string_equal(moecal_printable(buf, 4, "abcdef"), "");
+    assert_string_equal(moecal_printable(buf, sizeof buf, ""), "");
+}
+
+static void test_file_kind(void **state)
+{
+    (void)state;
+    assert_string_equal(moecal_file_kind(S_IFREG | 0644), "a regular file");
+    assert_string_equal(moecal_file_kind(S_IFDIR | 0755), "a directory");
+    assert_string_equal(moecal_file_kind(S_IFIFO), "a FIFO");
+    assert_string_equal(moecal_file_kind(S_IFLNK), "a symbolic link");
+    assert_string_equal(moecal_file_kind(0), "not a file");
+}
+
+static void test_carve(void **state)
+{
+    (void)state;
+    moecal_carve c = {0};
+    float *a = moecal_carve_take(&c, 3, sizeof(float));
+    double *b = moecal_carve_take(&c, 0, sizeof(double));
+    int64_t *d = moecal_carve_take(&c, 100, sizeof(int64_t));
+
+    /* sizing: no places yet; each array rounded up to the alignment */
+    assert_null(a);
+    assert_null(d);
+    assert_int_equal(c.used, 64 + 64 + 832);
+    assert_true(moecal_carve_alloc(&c));
+    a = moecal_carve_take(&c, 3, sizeof(float));
+    b = moecal_carve_take(&c, 0, sizeof(double));
+    d = moecal_carve_take(&c, 100, sizeof(int64_t));
+    assert_ptr_equal(a, c.block);
+    assert_true((char *)b == c.block + 64 && (char *)d == c.block + 128);
+    assert_int_equal((uintptr_t)c.block % MOECAL_CARVE_ALIGN, 0);
+    d[99] = 7;   /* the last element is inside the block (ASan would say) */
+    free(c.block);
+
+    moecal_carve o = {0};
+    (void)moecal_carve_take(&o, SIZE_MAX / 2, 4);
+    assert_false(moecal_carve_alloc(&o));
+    assert_null(o.block);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -86,6 +138,9 @@ int main(void)
         cmocka_unit_test(test_path_join),
         cmocka_unit_test(test_json_kind),
         cmocka_unit_test(test_percentile_and_clock),
+        cmocka_unit_test(test_printable),
+        cmocka_unit_test(test_file_kind),
+        cmocka_unit_test(test_carve),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
