@@ -5,6 +5,10 @@
 # `moecal compare` of the outputs.  The model is written to WORKDIR (about
 # 38 GB of disk) and read from the page cache: the first synth leaves it
 # there.  Logs go to OUTDIR; each run's timing lines are printed after it.
+# The read bound is measured in the same run: pcopy (bench/pcopy.c, in
+# BINDIR) reads the activations and the shards with READERS threads (default
+# 16) before the runs, and each run's wall time is divided by the larger of
+# its compute time and the time its reads take at that rate ("wall/bound").
 # Exits non-zero if a run or a comparison fails.
 #   bench/run-gpu-e2e.sh BINDIR WORKDIR [OUTDIR] [RANKS] [CHUNK...]
 # BINDIR holds moecal (built --with-cuda) and mpiexec, with the shared
@@ -35,6 +39,27 @@ if [ ! -f "$work/model/activations.h5" ]; then
 fi
 echo "== synth: $(( $(date +%s) - t0 )) s; $(du -sh "$work/model" | cut -f1)"
 
+# The read bound: a plain parallel read of the same files, now.
+bound=
+if [ -x "$bin/pcopy" ]; then
+    "$bin/pcopy" -t "${READERS:-16}" "$work/model/activations.h5" "$work/model"/*.safetensors \
+        >"$out/pread.txt" 2>&1 && bound=$(sed -n 's/.*: \([0-9.]*\) GB\/s.*/\1/p' "$out/pread.txt")
+    echo "== read bound: $(cat "$out/pread.txt")"
+fi
+
+# wall / max(compute, bytes read / bound) of a run's log
+ratio() {
+    [ -n "$bound" ] || return 0
+    awk -v bw="$bound" '
+        /reads: tokens/ { for (i = 1; i <= NF; i++) { if ($i == "tokens") t = $(i + 1);
+                                                       if ($i == "weights") w = $(i + 1) } }
+        /rank 0 time:/ { for (i = 1; i <= NF; i++) if ($i == "compute") c = $(i + 1) + 0 }
+        /^# wrote/ { for (i = 1; i <= NF; i++) if ($i == "in") wall = $(i + 1) + 0 }
+        END { rb = (t + w) / (bw * 1e9); b = rb > c ? rb : c;
+              if (b > 0) printf "   wall %.2f s, compute %.2f s, reads %.3f GB (rank 0) at %.2f GB/s: %.2f s; wall/bound %.2f\n",
+                                wall, c, (t + w) / 1e9, bw, rb, wall / b }' "$1"
+}
+
 first= status=0
 for c in $chunks; do
     t0=$(date +%s)
@@ -42,8 +67,9 @@ for c in $chunks; do
         --backend "${BACKEND:-cuda}" --chunk-tokens "$c" -v 2 >"$out/calibrate-$c.log" 2>&1
     rc=$?
     echo "== calibrate --chunk-tokens $c on $ranks rank(s): rc $rc, $(( $(date +%s) - t0 )) s"
-    grep -E "^# (rank 0 time|wrote)" "$out/calibrate-$c.log"
+    grep -E "^# (rank 0 time|rank 0 reads|wrote)" "$out/calibrate-$c.log"
     [ $rc -eq 0 ] || { tail -n 5 "$out/calibrate-$c.log"; status=1; continue; }
+    ratio "$out/calibrate-$c.log"
     if [ -z "$first" ]; then
         first=$c
     else

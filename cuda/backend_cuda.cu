@@ -805,15 +805,10 @@ moecal_status setup_select(moecal_backend *b, int dev)
 
 /* The step (tokens per GPU pass) under the memory limit, smaller steps
  * tried before giving up with the sizes; then the buffers. */
-moecal_status size_and_allocate(moecal_backend *b, const moecal_backend_config *cfg)
+/* The step to try first (the setting, or the default for the mode) and the
+ * piece; sets b->piece. */
+int64_t first_step(moecal_backend *b, const moecal_backend_config *cfg)
 {
-    size_t freeb = 0, totalb = 0;
-    cudaError_t e = cudaMemGetInfo(&freeb, &totalb);
-    if (e != cudaSuccess)
-        return cuda_fail(b->where, "cudaMemGetInfo()", cudaGetErrorString(e), __FILE__,
-                         __LINE__);
-    bool limited = cfg->gpu_mem_limit > 0;
-    size_t avail = limited ? (size_t)std::min<uint64_t>(cfg->gpu_mem_limit, freeb) : freeb;
     int64_t def = b->all_experts ? STEP_ALL : STEP_TOPK;
     moecal_cuda_settings sts;
     const moecal_cuda_settings *st = cuda_settings(cfg, &sts);
@@ -825,6 +820,19 @@ moecal_status size_and_allocate(moecal_backend *b, const moecal_backend_config *
     /* int32 positions in the token lists */
     while (!b->all_experts && step * (int64_t)b->k > INT32_MAX / 2)
         step /= 2;
+    return step;
+}
+
+moecal_status size_and_allocate(moecal_backend *b, const moecal_backend_config *cfg)
+{
+    size_t freeb = 0, totalb = 0;
+    cudaError_t e = cudaMemGetInfo(&freeb, &totalb);
+    if (e != cudaSuccess)
+        return cuda_fail(b->where, "cudaMemGetInfo()", cudaGetErrorString(e), __FILE__,
+                         __LINE__);
+    bool limited = cfg->gpu_mem_limit > 0;
+    size_t avail = limited ? (size_t)std::min<uint64_t>(cfg->gpu_mem_limit, freeb) : freeb;
+    int64_t step = first_step(b, cfg);
     plan p = make_plan(b, step);
     while ((!p.ok || p.total() > avail) && step > std::min<int64_t>(STEP_MIN, b->max_tok)) {
         step = std::max<int64_t>(std::min<int64_t>(STEP_MIN, b->max_tok), step / 2);
@@ -866,18 +874,11 @@ moecal_status size_and_allocate(moecal_backend *b, const moecal_backend_config *
     return MOECAL_OK;
 }
 
-moecal_status cuda_create(const moecal_backend_config *cfg, moecal_backend **out)
+/* The sizes and settings create derives from cfg (no GPU, no allocation). */
+void init_fields(moecal_backend *b, const moecal_backend_config *cfg)
 {
-    const moecal_model_config *m;
-    moecal_backend *b;
+    const moecal_model_config *m = cfg->model;
 
-    *out = NULL;
-    MOECAL_TRY(moecal_backend_check_config(cfg, "cuda"));
-    m = cfg->model;
-
-    b = (moecal_backend *)calloc(1, sizeof *b);
-    if (b == NULL)
-        return moecal_error_errno(ENOMEM, "cuda backend");
     b->dev = -1;
     b->model = *m;
     b->model.moe_layers = NULL;
@@ -912,6 +913,35 @@ moecal_status cuda_create(const moecal_backend_config *cfg, moecal_backend **out
     b->all_group = std::max(1, std::min(ALL_GROUP, b->nloc));
     snprintf(b->where, sizeof b->where, "rank %d GPU %d", b->rank,
              cfg->device < 0 ? 0 : cfg->device);
+}
+
+/* What create allocates on the GPU when no memory limit makes it take a
+ * smaller step; the host buffers it pins are a few KiB. */
+moecal_status cuda_memory(const moecal_backend_config *cfg, uint64_t *host, uint64_t *device)
+{
+    MOECAL_TRY(moecal_backend_check_config(cfg, "cuda"));
+    moecal_backend *b = (moecal_backend *)calloc(1, sizeof *b);
+    if (b == NULL)
+        return moecal_error_errno(ENOMEM, "cuda backend");
+    init_fields(b, cfg);
+    plan p = make_plan(b, first_step(b, cfg));
+    bool empty = b->nloc == 0;
+    free(b);
+    *host = 0;
+    *device = empty ? 0 : p.total();
+    return p.ok ? MOECAL_OK : moecal_error_set(MOECAL_ERR_NOMEM, "cuda backend: sizes overflow");
+}
+
+moecal_status cuda_create(const moecal_backend_config *cfg, moecal_backend **out)
+{
+    moecal_backend *b;
+
+    *out = NULL;
+    MOECAL_TRY(moecal_backend_check_config(cfg, "cuda"));
+    b = (moecal_backend *)calloc(1, sizeof *b);
+    if (b == NULL)
+        return moecal_error_errno(ENOMEM, "cuda backend");
+    init_fields(b, cfg);
     try {
         size_t n = (size_t)b->nloc;
         b->gemm = new gemm_args();
@@ -1774,6 +1804,12 @@ void moecal_backend_cuda_unpin_host(moecal_backend *b, void *p)
 bool moecal_backend_cuda_available(void)
 {
     return cuda_available();
+}
+
+moecal_status moecal_backend_cuda_memory(const moecal_backend_config *cfg, uint64_t *host,
+                                         uint64_t *device)
+{
+    return cuda_memory(cfg, host, device);
 }
 
 moecal_status moecal_backend_cuda_create(const moecal_backend_config *cfg, moecal_backend **out)

@@ -42,6 +42,8 @@ typedef struct moecal_cuda_settings {
 /* The members of moecal_backend_cuda (backend.h's contracts). */
 bool moecal_backend_cuda_available(void);
 moecal_status moecal_backend_cuda_create(const moecal_backend_config *cfg, moecal_backend **out);
+moecal_status moecal_backend_cuda_memory(const moecal_backend_config *cfg, uint64_t *host,
+                                         uint64_t *device);
 moecal_status moecal_backend_cuda_load_layer(moecal_backend *b, const moecal_layer_weights *w);
 moecal_status moecal_backend_cuda_run_chunk(moecal_backend *b, const uint16_t *x, int64_t ntok,
                                             const uint8_t *skip, moecal_chunk_stats *out);

@@ -42,5 +42,6 @@ const moecal_backend_ops moecal_backend_cuda = {
     .pin_host = moecal_backend_cuda_pin_host,
     .unpin_host = moecal_backend_cuda_unpin_host,
     .fp8_weights = true,
+    .memory = moecal_backend_cuda_memory,
     .options = cuda_options,
 };

@@ -627,6 +627,8 @@ int moecal_act_n_layers(const moecal_act *a) { return a->n_layers; }
 const int *moecal_act_layers(const moecal_act *a) { return a->layers; }
 moecal_dtype moecal_act_dtype(const moecal_act *a) { return a->dtype; }
 int64_t moecal_act_chunk_rows(const moecal_act *a) { return a->chunk_rows; }
+int64_t moecal_act_file(const moecal_act *a) { return a->file; }
+int64_t moecal_act_dataset(const moecal_act *a, int i) { return a->dsets[i]; }
 
 static int layer_index(const moecal_act *a, int layer)
 {

@@ -58,6 +58,28 @@ moecal_status moecal_act_read_float(moecal_act *a, int layer, int64_t row0, int6
 moecal_status moecal_act_read_bf16(moecal_act *a, int layer, int64_t row0, int64_t nrows,
                                    uint16_t *dst);
 
+/* Direct reads (actmap.c): where every layer's rows lie in the file, found
+ * once through HDF5, so that any number of threads can then read rows with
+ * pread, without HDF5 (which is not thread-safe here).  moecal_act_map_create
+ * returns MOECAL_OK with *out NULL when the file's layout does not allow it
+ * (a compression filter, big-endian data, chunks that are not whole rows or
+ * were never written): the caller reads through moecal_act_read_bf16.  A map
+ * is read-only after creation and may be used by any threads at once. */
+typedef struct moecal_act_map moecal_act_map;
+moecal_status moecal_act_map_create(moecal_act *a, moecal_act_map **out);
+void moecal_act_map_free(moecal_act_map *m);
+/* Rows [row0, row0 + nrows) of a layer as bf16, the same bits as
+ * moecal_act_read_bf16; f16 and f32 data are converted through scratch,
+ * which must hold at least one row (the more, the fewer reads).  A file
+ * that ends early (truncated while in use) is MOECAL_ERR_IO naming it. */
+moecal_status moecal_act_map_read_bf16(const moecal_act_map *m, int layer, int64_t row0,
+                                       int64_t nrows, uint16_t *dst, void *scratch,
+                                       size_t scratch_bytes);
+
+/* For actmap.c: the file and the dataset of the i-th layer (ascending). */
+int64_t moecal_act_file(const moecal_act *a);
+int64_t moecal_act_dataset(const moecal_act *a, int i);
+
 /* Non-finite policy for rows holding NaN or Inf. */
 typedef enum { MOECAL_NONFINITE_ERROR = 0, MOECAL_NONFINITE_SKIP } moecal_nonfinite;
 /* Scan nrows bf16 rows of width H whose first row is token first_token of

@@ -115,6 +115,11 @@ typedef struct moecal_backend_ops {
     moecal_status (*pin_host)(moecal_backend *b, void *p, size_t bytes);
     void (*unpin_host)(moecal_backend *b, void *p);
     bool fp8_weights;            /* load_layer accepts the FP8 form */
+    /* Optional: the bytes of host and device memory create would allocate
+     * for cfg, computed without allocating (no GPU needed), for
+     * `moecal calibrate --plan`. */
+    moecal_status (*memory)(const moecal_backend_config *cfg, uint64_t *host,
+                            uint64_t *device);
     /* The backend's own settings (tuning knobs that never change a result),
      * ended by MOECAL_OPT_END, or NULL.  Their names start with the
      * backend's ("cuda-step"); calibrate adds them to its options, so they

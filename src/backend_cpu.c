@@ -66,7 +66,6 @@
 
 #define ROW_BLOCK 512    /* token rows per expert GEMM (512 beat 128 and 256) */
 #define ROUTE_BLOCK 128  /* token rows per router GEMM */
-#define ALIGN 64
 
 /* OpenBLAS's thread control, when the BLAS is OpenBLAS; other CBLAS
  * implementations lack it and the weak reference stays NULL. */
@@ -81,6 +80,7 @@ typedef struct work_item {
 } work_item;
 
 typedef struct thread_buf {
+    char *block;         /* the four below (carve_thread) */
     float *xg;           /* [ROW_BLOCK][H] gathered rows */
     float *ab;           /* [ROW_BLOCK][2I] a | b */
     void *router;        /* router scratch */
@@ -160,33 +160,13 @@ static inline int bf16_nonfinite(uint16_t u)
     return (u & 0x7f80u) == 0x7f80u;
 }
 
-/* Aligned allocation of n elements of size sz; NULL on overflow or ENOMEM.
- * n == 0 still returns a valid pointer so that callers need no special case. */
-static void *alloc_array(size_t n, size_t sz)
-{
-    size_t bytes;
-    void *p = NULL;
-
-    if (__builtin_mul_overflow(n, sz, &bytes))
-        return NULL;
-    if (bytes == 0)
-        bytes = ALIGN;
-    if (posix_memalign(&p, ALIGN, bytes) != 0)
-        return NULL;
-    return p;
-}
-
 static void cpu_destroy(moecal_backend *b)
 {
     if (b == NULL)
         return;
     if (b->tb != NULL) {
-        for (int i = 0; i < b->nthreads; i++) {
-            free(b->tb[i].xg);
-            free(b->tb[i].ab);
-            free(b->tb[i].router);
-            free(b->tb[i].acc);
-        }
+        for (int i = 0; i < b->nthreads; i++)
+            free(b->tb[i].block);
         free(b->tb);
     }
     free(b->block);
@@ -220,20 +200,11 @@ static void carve_arrays(moecal_backend *b, moecal_carve *c, size_t nblk)
     }
 }
 
-static moecal_status cpu_create(const moecal_backend_config *cfg, moecal_backend **out)
+/* The sizes and settings create derives from cfg (no allocation). */
+static void init_fields(moecal_backend *b, const moecal_backend_config *cfg)
 {
-    const moecal_model_config *m;
-    moecal_backend *b;
-    size_t H, I2, nloc, k;
-    int64_t nblk;
+    const moecal_model_config *m = cfg->model;
 
-    *out = NULL;
-    MOECAL_TRY(moecal_backend_check_config(cfg, "cpu"));
-    m = cfg->model;
-
-    b = calloc(1, sizeof *b);
-    if (b == NULL)
-        return moecal_error_errno(ENOMEM, "cpu backend");
     b->model = *m;
     b->model.moe_layers = NULL;
     b->model.n_moe_layers = 0;
@@ -254,17 +225,58 @@ static moecal_status cpu_create(const moecal_backend_config *cfg, moecal_backend
 #endif
     if (b->nthreads < 1)
         b->nthreads = 1;
-
-    H = (size_t)b->H;
-    I2 = 2 * (size_t)b->NI;
-    nloc = (size_t)b->nloc;
-    k = (size_t)b->k;
     /* work items: every expert's row list split into ROW_BLOCK pieces */
     if (b->all_experts)
-        nblk = (int64_t)nloc * ((b->max_tok + ROW_BLOCK - 1) / ROW_BLOCK);
+        b->max_items = (int64_t)b->nloc * ((b->max_tok + ROW_BLOCK - 1) / ROW_BLOCK);
     else
-        nblk = (int64_t)nloc + (b->max_tok * (int64_t)k + ROW_BLOCK - 1) / ROW_BLOCK;
-    b->max_items = nblk;
+        b->max_items = (int64_t)b->nloc +
+                       (b->max_tok * (int64_t)b->k + ROW_BLOCK - 1) / ROW_BLOCK;
+}
+
+/* One thread's buffers: gather, GEMM output, router scratch, logit sums. */
+static void carve_thread(const moecal_backend *b, moecal_carve *c, thread_buf *t)
+{
+    size_t H = (size_t)b->H, I2 = 2 * (size_t)b->NI;
+
+    /* all-experts mode multiplies the compact rows in place: no gather */
+    t->xg = b->all_experts ? NULL : moecal_carve_take(c, ROW_BLOCK, H * sizeof(float));
+    t->ab = moecal_carve_take(c, ROW_BLOCK, I2 * sizeof(float));
+    t->router = moecal_carve_take(c, moecal_router_scratch_size(&b->model), 1);
+    t->acc = moecal_carve_take(c, 2 * (size_t)b->E, sizeof(double));
+}
+
+static moecal_status cpu_memory(const moecal_backend_config *cfg, uint64_t *host,
+                                uint64_t *device)
+{
+    moecal_backend b;
+    moecal_carve c = {0};
+    thread_buf t;
+
+    MOECAL_TRY(moecal_backend_check_config(cfg, "cpu"));
+    memset(&b, 0, sizeof b);
+    init_fields(&b, cfg);
+    carve_arrays(&b, &c, (size_t)b.max_items);
+    for (int i = 0; i < b.nthreads; i++)
+        carve_thread(&b, &c, &t);
+    *host = c.used + (uint64_t)b.nthreads * sizeof(thread_buf) + sizeof b;
+    *device = 0;
+    return c.overflow ? moecal_error_set(MOECAL_ERR_NOMEM, "cpu backend: sizes overflow")
+                      : MOECAL_OK;
+}
+
+static moecal_status cpu_create(const moecal_backend_config *cfg, moecal_backend **out)
+{
+    moecal_backend *b;
+    size_t nloc;
+
+    *out = NULL;
+    MOECAL_TRY(moecal_backend_check_config(cfg, "cpu"));
+    b = calloc(1, sizeof *b);
+    if (b == NULL)
+        return moecal_error_errno(ENOMEM, "cpu backend");
+    init_fields(b, cfg);
+    nloc = (size_t)b->nloc;
+    const int64_t nblk = b->max_items;
 
     moecal_carve c = {0};
     carve_arrays(b, &c, (size_t)nblk);
@@ -276,13 +288,14 @@ static moecal_status cpu_create(const moecal_backend_config *cfg, moecal_backend
     b->tb = calloc((size_t)b->nthreads, sizeof(thread_buf));
     ok = ok && b->tb;
     for (int i = 0; ok && i < b->nthreads; i++) {
+        moecal_carve tc = {0};
         thread_buf *t = &b->tb[i];
-        /* all-experts mode multiplies the compact rows in place: no gather */
-        t->xg = b->all_experts ? NULL : alloc_array(ROW_BLOCK, H * sizeof(float));
-        t->ab = alloc_array(ROW_BLOCK, I2 * sizeof(float));
-        t->router = alloc_array(moecal_router_scratch_size(m), 1);
-        t->acc = alloc_array(2 * (size_t)b->E, sizeof(double));
-        ok = (t->xg || b->all_experts) && t->ab && t->router && t->acc;
+        carve_thread(b, &tc, t);
+        ok = moecal_carve_alloc(&tc);
+        if (ok) {
+            carve_thread(b, &tc, t);
+            t->block = tc.block;
+        }
     }
     if (!ok) {
         cpu_destroy(b);
@@ -669,4 +682,5 @@ const moecal_backend_ops moecal_backend_cpu = {
     .run_chunk = cpu_run_chunk,
     .timings = cpu_timings,
     .destroy = cpu_destroy,
+    .memory = cpu_memory,
 };

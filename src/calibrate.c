@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -951,7 +952,7 @@ static void open_compute(calib *r)
     }
     s = moecal_tokens_create(c, r->act_path, j->H, j->layers, j->L, j->T, j->chunk,
                              p->nonfinite, r->first_step, r->pp.async || r->pp.defer ? 3 : 2,
-                             &r->tk);
+                             p->readers > 0 ? p->readers : 1, &r->tk);
     moecal_check_all(s);
     if (r->ops->pin_host) {
         void *base;
@@ -1086,10 +1087,23 @@ static moecal_status run_layers(calib *r)
 
 static void log_times(calib *r)
 {
-    double wait_s = 0, exch_s = 0, tb[MOECAL_NPHASE] = {0}, rd_s = 0, rdw_s = 0;
+    double wait_s = 0, exch_s = 0, tb[MOECAL_NPHASE] = {0}, rd_s = 0, rdw_s = 0, tr_s = 0;
+    uint64_t tr_bytes = 0, wb;
+    struct rusage ru;
+    int readers = 0;
 
     moecal_tokens_times(r->tk, &wait_s, &exch_s);
+    moecal_tokens_reads(r->tk, &tr_bytes, &tr_s, &readers);
     moecal_prefetch_times(r->pf, &rd_s, &rdw_s);
+    wb = moecal_prefetch_bytes(r->pf);
+    getrusage(RUSAGE_SELF, &ru);
+    /* the figures --plan predicts (plan.h) */
+    moecal_log(MOECAL_LOG_VERBOSE, "# rank 0 reads: tokens %llu bytes in %.3fs (%.2f GB/s, %d "
+               "reader%s; compute waited %.3fs), weights %llu bytes in %.3fs (%.2f GB/s); peak "
+               "host memory %llu bytes", (unsigned long long)tr_bytes, tr_s,
+               tr_s > 0 ? (double)tr_bytes / 1e9 / tr_s : 0.0, readers, readers == 1 ? "" : "s",
+               wait_s, (unsigned long long)wb, rd_s, rd_s > 0 ? (double)wb / 1e9 / rd_s : 0.0,
+               (unsigned long long)ru.ru_maxrss * 1024);
     if (r->ops->timings)
         r->ops->timings(r->be, tb);
     moecal_log(MOECAL_LOG_VERBOSE, "# rank 0 time: load %.3fs (weights read %.3fs in the "

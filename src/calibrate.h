@@ -24,12 +24,17 @@ typedef struct moecal_calib_params {
     moecal_nonfinite nonfinite;
     int router_logits;       /* moecal_logit_prec, or -1 for the family's default */
     int threads;
+    int readers;             /* threads reading each node's tokens (tokens.h) */
     uint64_t gpu_mem_limit;
     int gpu;                 /* device of this rank from the placement, -1 none */
     const char *command_line;
     const char *placement_json;
     int64_t checkpoint_every; /* chunks between checkpoints, 0 = only on a signal */
     bool resume;              /* continue from the newest valid checkpoint */
+    /* --plan (plan.h): nodes and ranks per node to plan for (0: this
+     * launch's), the read bandwidth per node and a rank's compute rate */
+    int plan_nodes, plan_ranks_per_node;
+    double assume_read_gbps, assume_tokens_per_s;
     const struct moecal_opts *opts; /* the parsed options (the backend's settings) */
 } moecal_calib_params;
 
@@ -51,5 +56,10 @@ moecal_status moecal_calib_parse_layers(const char *spec, const int *moe_layers,
  * MOECAL_ERR_INTERRUPTED (on every rank) when a signal stopped it after a
  * checkpoint was written. */
 moecal_status moecal_calibrate_run(const moecal_comm *c, const moecal_calib_params *p);
+
+/* `--plan` (plan.h): rank 0 prints what the job p describes would read,
+ * hold, exchange and take, reading no data and writing nothing.  Collective
+ * in that every rank returns rank 0's status through the caller's check. */
+moecal_status moecal_calibrate_plan(const moecal_comm *c, const moecal_calib_params *p);
 
 #endif

@@ -20,8 +20,10 @@
 typedef struct calibrate_args {
     const char *model, *activations, *output, *layers, *quant_format, *backend;
     const char *router_logits, *nonfinite, *demo_dir;
-    bool force, all_experts, bind, resume;
-    long long chunk_tokens, max_tokens, threads, gpu_mem_limit, checkpoint_every;
+    bool force, all_experts, bind, resume, plan;
+    long long chunk_tokens, max_tokens, threads, readers, gpu_mem_limit, checkpoint_every;
+    long long plan_nodes, plan_ranks_per_node;
+    double assume_read_gbps, assume_tokens_per_s;
     moecal_verbosity_args verbosity;
 } calibrate_args;
 
@@ -55,6 +57,9 @@ const moecal_optdef moecal_calibrate_options[] = {
      "what to do with activation rows holding NaN/Inf", 0, 0, 0, CAL(nonfinite)},
     {"threads", 't', MOECAL_OPT_INT, "0", NULL, "N",
      "CPU threads per rank (0: the cores hwloc bound the rank to)", 0, 0, 4096, CAL(threads)},
+    {"readers", 0, MOECAL_OPT_INT, "4", NULL, "N",
+     "threads of each node's first rank that read its part of every token chunk (one when "
+     "the activation file's layout needs HDF5, e.g. compressed)", 0, 1, 64, CAL(readers)},
     {"gpu-mem-limit", 0, MOECAL_OPT_INT, "0", NULL, "BYTES",
      "cap on GPU memory per rank, k/M/G suffixes (0: what the GPU has)", 0, 0, 0,
      CAL(gpu_mem_limit)},
@@ -65,6 +70,19 @@ const moecal_optdef moecal_calibrate_options[] = {
      CAL(checkpoint_every)},
     {"resume", 0, MOECAL_OPT_FLAG, "0", NULL, NULL,
      "continue from the newest valid checkpoint beside the output, if any", 0, 0, 0, CAL(resume)},
+    {"plan", 0, MOECAL_OPT_FLAG, "0", NULL, NULL,
+     "print what the job would read, hold, exchange and take (per node and rank), then exit "
+     "without reading data or writing anything", 0, 0, 0, CAL(plan)},
+    {"plan-nodes", 0, MOECAL_OPT_INT, "0", NULL, "N",
+     "--plan: nodes to plan for (0: this launch's)", 0, 0, 1 << 20, CAL(plan_nodes)},
+    {"plan-ranks-per-node", 0, MOECAL_OPT_INT, "0", NULL, "N",
+     "--plan: ranks per node to plan for (0: this launch's)", 0, 0, 4096,
+     CAL(plan_ranks_per_node)},
+    {"assume-read-gbps", 0, MOECAL_OPT_FLOAT, "2", NULL, "X",
+     "--plan: read bandwidth of a node, GB/s", 0, 1e-3, 1e4, CAL(assume_read_gbps)},
+    {"assume-tokens-per-s", 0, MOECAL_OPT_FLOAT, "1000000", NULL, "X",
+     "--plan: tokens per second one rank computes for a whole layer of experts (1e6: an H100 "
+     "on a DeepSeek-V3 layer, BENCHMARKS.md)", 0, 1, 1e12, CAL(assume_tokens_per_s)},
     {"demo-dir", 0, MOECAL_OPT_STRING, NULL, NULL, "DIR",
      "where to write the demo model when --model is not given (default: a temporary dir)",
      0, 0, 0, CAL(demo_dir)},
@@ -219,6 +237,11 @@ int moecal_cmd_calibrate(int argc, char **argv)
 
     p.output = a.output;
     p.model_dir = a.model;
+    if (a.plan && !p.model_dir) {
+        moecal_error_set(MOECAL_ERR_USAGE, "--plan needs --model DIR (a checkpoint, or a "
+                         "directory with its config.json alone)");
+        moecal_fatal_all(MOECAL_ERR_USAGE);
+    }
     if (!p.model_dir) {
         s = demo_model(&a, demo_dir, sizeof demo_dir);
         moecal_check_all(s);
@@ -236,35 +259,40 @@ int moecal_cmd_calibrate(int argc, char **argv)
     p.nonfinite = strcmp(a.nonfinite, "skip") == 0 ? MOECAL_NONFINITE_SKIP
                                                    : MOECAL_NONFINITE_ERROR;
     p.threads = (int)a.threads;
+    p.readers = (int)a.readers;
     p.gpu_mem_limit = (uint64_t)a.gpu_mem_limit;
     p.gpu = me.gpu;
     p.command_line = cmdline ? cmdline : "moecal calibrate";
     p.placement_json = pjson;
     p.checkpoint_every = a.checkpoint_every;
     p.resume = a.resume;
+    p.plan_nodes = (int)a.plan_nodes;
+    p.plan_ranks_per_node = (int)a.plan_ranks_per_node;
+    p.assume_read_gbps = a.assume_read_gbps;
+    p.assume_tokens_per_s = a.assume_tokens_per_s;
     p.opts = o;
 
-    moecal_signals_install();
-    s = moecal_calibrate_run(&c, &p);
-    if (s == MOECAL_ERR_INTERRUPTED) {
-        /* Every rank stopped at the same chunk boundary after the checkpoint. */
-        free(all);
-        free(pjson);
-        free(cmdline);
-        moecal_comm_free(&c);
-        moecal_opts_free(o);
-        free(defs);
-        moecal_runtime_finalize();
-        exit(MOECAL_EXIT_REQUEUE);
+    if (a.plan) {
+        s = moecal_calibrate_plan(&c, &p);
+    } else {
+        moecal_signals_install();
+        s = moecal_calibrate_run(&c, &p);
     }
-    moecal_check_all(s);
-
+    /* After a signal every rank stopped at the same chunk boundary, after
+     * the checkpoint. */
+    if (s != MOECAL_ERR_INTERRUPTED)
+        moecal_check_all(s);
     free(all);
     free(pjson);
     free(cmdline);
-    moecal_placement_cleanup();
+    if (s != MOECAL_ERR_INTERRUPTED)
+        moecal_placement_cleanup();
     moecal_comm_free(&c);
     moecal_opts_free(o);
     free(defs);
+    if (s == MOECAL_ERR_INTERRUPTED) {
+        moecal_runtime_finalize();
+        exit(MOECAL_EXIT_REQUEUE);
+    }
     return 0;
 }

@@ -1014,3 +1014,42 @@ moecal_status moecal_model_load_gate(moecal_model *m, int layer, float *weight, 
                                     "at expert %zu", moecal_st_path(f), name, i);
     return MOECAL_OK;
 }
+
+/* The bytes of tensor name, plus those of name_scale_inv when it exists. */
+static moecal_status tensor_bytes(moecal_model *m, const char *name, bool with_scale,
+                                  uint64_t *bytes)
+{
+    const moecal_st_file *f;
+    const moecal_st_tensor *t;
+    char sname[NAME_MAX_LEN];
+
+    MOECAL_TRY(moecal_model_find(m, name, &f, &t));
+    *bytes += t->end - t->begin;
+    if (!with_scale || t->dtype != MOECAL_DT_F8_E4M3)
+        return MOECAL_OK;
+    snprintf(sname, sizeof sname, "%s_scale_inv", name);
+    MOECAL_TRY(moecal_model_find(m, sname, &f, &t));
+    *bytes += t->end - t->begin;
+    return MOECAL_OK;
+}
+
+moecal_status moecal_model_layer_bytes(moecal_model *m, int layer, int e0, int e1,
+                                       uint64_t *router, uint64_t *experts)
+{
+    char name[NAME_MAX_LEN];
+    static const int projs[3] = {MOECAL_W1, MOECAL_W2, MOECAL_W3};
+
+    *router = *experts = 0;
+    gate_name(m, layer, "weight", name, sizeof name);
+    MOECAL_TRY(tensor_bytes(m, name, false, router));
+    if (m->cfg.has_correction_bias) {
+        gate_name(m, layer, "e_score_correction_bias", name, sizeof name);
+        MOECAL_TRY(tensor_bytes(m, name, false, router));
+    }
+    for (int e = e0; e < e1; e++)
+        for (int p = 0; p < 3; p++) {
+            moecal_model_expert_name(m, layer, e, projs[p], name, sizeof name);
+            MOECAL_TRY(tensor_bytes(m, name, true, experts));
+        }
+    return MOECAL_OK;
+}

@@ -78,6 +78,13 @@ moecal_status moecal_model_read_expert_raw(moecal_model *m, int layer, int exper
  * the codes and block scales, without dequantizing. */
 moecal_status moecal_model_expert_amax(moecal_model *m, int layer, int expert, int proj,
                                        float *amax);
+/* The stored bytes a layer's calibration reads on a rank: the router
+ * (weight and correction bias) and, for experts [e0, e1), their three
+ * projections with their block scales when FP8.  From the safetensors
+ * headers only: nothing is read. */
+moecal_status moecal_model_layer_bytes(moecal_model *m, int layer, int e0, int e1,
+                                       uint64_t *router, uint64_t *experts);
+
 /* Router weight [E, H] as float32 (from F8_E4M3, BF16, F16 or F32), and
  * e_score_correction_bias [E] (F32, BF16 or F16; bias may be NULL; it must be
  * non-NULL exactly when cfg->has_correction_bias).  NaN/Inf are refused. */

@@ -34,6 +34,7 @@ struct moecal_prefetch {
     int failed;                /* lowest failing expert, n if none */
     char msg[MSG_LEN];
     double read_s, wait_s;
+    uint64_t bytes;       /* stored bytes read so far (moecal_model_layer_bytes) */
 };
 
 static void *xmalloc(size_t n, size_t size)
@@ -166,6 +167,11 @@ static void *reader_main(void *arg)
     }
     s = moecal_model_load_gate(pf->m, pf->layer, pf->gate,
                                pf->cfg->has_correction_bias ? pf->bias : NULL);
+    if (s == MOECAL_OK) {
+        uint64_t rb = 0, eb = 0;
+        s = moecal_model_layer_bytes(pf->m, pf->layer, pf->e0, pf->e0 + pf->n, &rb, &eb);
+        pf->bytes += rb + eb;
+    }
     if (s == MOECAL_OK)
         s = ensure_buffers(pf);
     if (s != MOECAL_OK)
@@ -245,6 +251,11 @@ moecal_status moecal_prefetch_wait(moecal_prefetch *pf, moecal_layer_weights *lw
     }
     memcpy(wamax, pf->wamax, n * 3 * sizeof(float));
     return MOECAL_OK;
+}
+
+uint64_t moecal_prefetch_bytes(const moecal_prefetch *pf)
+{
+    return pf->bytes;
 }
 
 void moecal_prefetch_times(const moecal_prefetch *pf, double *read_s, double *wait_s)

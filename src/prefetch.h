@@ -39,6 +39,8 @@ moecal_status moecal_prefetch_start(moecal_prefetch *pf, int layer);
 moecal_status moecal_prefetch_wait(moecal_prefetch *pf, moecal_layer_weights *lw, float *wamax);
 /* Seconds the reads took in the background, and the caller waited. */
 void moecal_prefetch_times(const moecal_prefetch *pf, double *read_s, double *wait_s);
+/* The stored bytes of the layers read so far (moecal_model_layer_bytes). */
+uint64_t moecal_prefetch_bytes(const moecal_prefetch *pf);
 /* Joins a read in progress. */
 void moecal_prefetch_destroy(moecal_prefetch *pf);
 

@@ -1,5 +1,10 @@
 /* tokens.c - node-shared, multi-buffered token chunks; see tokens.h.
  *
+ * A leader's part of a chunk is read by `readers` threads, each a disjoint
+ * row range straight into the window with pread (moecal_act_map), and
+ * scanned for non-finite rows by the same thread; a file whose layout needs
+ * HDF5 to read it (compressed, ...) is read by the I/O thread alone.
+ *
  * Window layout (allocated by node rank 0, nslots slots, 2 or 3):
  *   slot = [slot_header][rows: chunk_tokens x H bf16][skip: chunk_tokens bytes]
  * Step s uses slot s % nslots.  A step on the leader: wait for the I/O
@@ -58,6 +63,11 @@ struct moecal_tokens {
     MPI_Datatype row_type; /* one row of H bf16 */
     int *counts, *displs;  /* per leader, in rows */
     moecal_act *act;       /* leaders only */
+    moecal_act_map *map;   /* leaders, when the file can be read directly */
+    int readers;           /* threads reading a leader's part (map) */
+    void **scratch;        /* [readers] f16/f32 conversion buffers */
+    double read_s;         /* seconds the I/O thread spent reading and scanning */
+    uint64_t read_bytes;   /* bytes of the file this leader read */
     pthread_t thread;
     int thread_started;
     pthread_mutex_t mu;
@@ -90,6 +100,67 @@ static void leader_part(const moecal_tokens *t, int64_t nrows, int leader, int64
     *n = nrows * (leader + 1) / L - *lo;
 }
 
+#define SCRATCH_BYTES ((size_t)4 << 20)
+
+/* One reader's rows of a step: read, then scan. */
+typedef struct piece {
+    moecal_tokens *t;
+    int64_t s, lo, n;     /* rows [lo, lo + n) of the chunk */
+    void *scratch;
+    moecal_status status;
+    char msg[1024];
+    int64_t nbad;
+    pthread_t thread;
+} piece;
+
+static void *read_piece(void *arg)
+{
+    piece *p = arg;
+    moecal_tokens *t = p->t;
+    const step *st = &t->steps[p->s];
+    uint16_t *rows = slot_rows(t, p->s) + (size_t)p->lo * (size_t)t->hidden;
+
+    p->nbad = 0;
+    p->status = moecal_act_map_read_bf16(t->map, st->layer, st->row0 + p->lo, p->n, rows,
+                                         p->scratch, p->scratch ? SCRATCH_BYTES : 0);
+    if (p->status == MOECAL_OK)
+        p->status = moecal_act_scan_nonfinite(t->act, rows, p->n, t->hidden, st->layer,
+                                              st->row0 + p->lo, t->policy,
+                                              slot_skip(t, p->s) + p->lo, &p->nbad);
+    if (p->status != MOECAL_OK)
+        snprintf(p->msg, sizeof p->msg, "%s", moecal_error_message());
+    return NULL;
+}
+
+/* Rows [lo, lo + n) of step s by the readers; the first failing piece (in
+ * row order) gives the status, so the message is the serial read's. */
+static void read_direct(moecal_tokens *t, int64_t s, int64_t lo, int64_t n, io_job *j)
+{
+    piece ps[MOECAL_MAX_READERS];
+    int R = t->readers < n ? t->readers : (int)n, started = 0;
+
+    for (int r = 0; r < R; r++)
+        ps[r] = (piece){.t = t, .s = s, .lo = lo + n * r / R, .n = n * (r + 1) / R - n * r / R,
+                        .scratch = t->scratch ? t->scratch[r] : NULL};
+    for (int r = 1; r < R; r++, started++)
+        if (pthread_create(&ps[r].thread, NULL, read_piece, &ps[r]) != 0)
+            break;
+    for (int r = 1 + started; r < R; r++)
+        read_piece(&ps[r]);      /* no thread to be had: read here */
+    read_piece(&ps[0]);
+    for (int r = 1; r <= started; r++)
+        pthread_join(ps[r].thread, NULL);
+    j->status = MOECAL_OK;
+    j->nbad = 0;
+    for (int r = 0; r < R; r++) {
+        j->nbad += ps[r].nbad;
+        if (j->status == MOECAL_OK && ps[r].status != MOECAL_OK) {
+            j->status = ps[r].status;
+            memcpy(j->msg, ps[r].msg, sizeof j->msg);
+        }
+    }
+}
+
 static void read_step(moecal_tokens *t, int64_t s, io_job *j)
 {
     const step *st = &t->steps[s];
@@ -100,6 +171,12 @@ static void read_step(moecal_tokens *t, int64_t s, io_job *j)
     j->nbad = 0;
     if (n == 0) {
         j->status = MOECAL_OK;
+        return;
+    }
+    t->read_bytes += (uint64_t)n * (uint64_t)t->hidden *
+                     moecal_dtype_size(moecal_act_dtype(t->act));
+    if (t->map) {
+        read_direct(t, s, lo, n, j);
         return;
     }
     rc = moecal_act_read_bf16(t->act, st->layer, st->row0 + lo, n,
@@ -125,8 +202,11 @@ static void *io_main(void *arg)
             break;
         {
             io_job j = t->job;
+            double t0;
             pthread_mutex_unlock(&t->mu);
+            t0 = moecal_now();
             read_step(t, j.step, &j);
+            t->read_s += moecal_now() - t0;
             pthread_mutex_lock(&t->mu);
             t->job.status = j.status;
             t->job.nbad = j.nbad;
@@ -161,10 +241,32 @@ static void io_wait(moecal_tokens *t, io_job *out)
     pthread_mutex_unlock(&t->mu);
 }
 
+/* The direct reads, when the file allows them, and their scratch. */
+static moecal_status open_readers(moecal_tokens *t, int readers)
+{
+    t->readers = readers < 1 ? 1 : readers > MOECAL_MAX_READERS ? MOECAL_MAX_READERS : readers;
+    MOECAL_TRY(moecal_act_map_create(t->act, &t->map));
+    if (!t->map) {
+        moecal_log(MOECAL_LOG_VERBOSE, "# %s: its layout needs HDF5 to read it: one reader "
+                   "per node", moecal_act_path(t->act));
+        t->readers = 1;
+        return MOECAL_OK;
+    }
+    if (moecal_act_dtype(t->act) == MOECAL_DT_BF16)
+        return MOECAL_OK;
+    if (!(t->scratch = calloc((size_t)t->readers, sizeof *t->scratch)))
+        return moecal_error_set(MOECAL_ERR_NOMEM, "out of memory (token readers)");
+    for (int r = 0; r < t->readers; r++)
+        if (!(t->scratch[r] = malloc(SCRATCH_BYTES)))
+            return moecal_error_set(MOECAL_ERR_NOMEM, "out of memory (token readers)");
+    return MOECAL_OK;
+}
+
 moecal_status moecal_tokens_create(const moecal_comm *c, const char *path, int hidden,
                                    const int *layers, int nlayers, int64_t ntokens,
                                    int64_t chunk_tokens, moecal_nonfinite policy,
-                                   int64_t first_step, int nslots, moecal_tokens **out)
+                                   int64_t first_step, int nslots, int readers,
+                                   moecal_tokens **out)
 {
     moecal_tokens *t;
     int64_t nchunks, s = 0;
@@ -219,6 +321,8 @@ moecal_status moecal_tokens_create(const moecal_comm *c, const char *path, int h
 
     if (c->node_rank == 0) {
         st = moecal_act_open(path, MPI_COMM_NULL, &t->act);
+        if (st == MOECAL_OK)
+            st = open_readers(t, readers);
         if (st == MOECAL_OK) {
             pthread_mutex_init(&t->mu, NULL);
             pthread_cond_init(&t->cv, NULL);
@@ -342,6 +446,13 @@ void moecal_tokens_times(const moecal_tokens *t, double *wait_s, double *exchang
     *exchange_s = t->exch_s;
 }
 
+void moecal_tokens_reads(const moecal_tokens *t, uint64_t *bytes, double *read_s, int *readers)
+{
+    *bytes = t->read_bytes;
+    *read_s = t->read_s;
+    *readers = t->map ? t->readers : t->act ? 1 : 0;
+}
+
 void moecal_tokens_destroy(moecal_tokens *t)
 {
     if (!t)
@@ -355,6 +466,10 @@ void moecal_tokens_destroy(moecal_tokens *t)
         pthread_mutex_destroy(&t->mu);
         pthread_cond_destroy(&t->cv);
     }
+    moecal_act_map_free(t->map);
+    for (int r = 0; t->scratch && r < t->readers; r++)
+        free(t->scratch[r]);
+    free(t->scratch);
     if (t->act)
         moecal_act_close(t->act);
     if (t->row_type != MPI_DATATYPE_NULL)

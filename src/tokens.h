@@ -28,7 +28,12 @@ typedef struct moecal_chunk {
     int64_t nskipped;
 } moecal_chunk;
 
-/* Collective over c->world.  path is opened by the node leaders only.
+/* The most reader threads a leader may use. */
+#define MOECAL_MAX_READERS 64
+
+/* Collective over c->world.  path is opened by the node leaders only, each
+ * reading its part of every chunk with `readers` threads (1 to
+ * MOECAL_MAX_READERS; one when the file's layout needs HDF5).
  * Steps run over layers[0..nlayers) x chunks of chunk_tokens rows of
  * [0, ntokens), starting at step first_step (a resumed run).  nslots (2 or
  * 3) chunks live in the window: with 3, a rank may keep chunk s in use while
@@ -36,7 +41,8 @@ typedef struct moecal_chunk {
 moecal_status moecal_tokens_create(const moecal_comm *c, const char *path, int hidden,
                                    const int *layers, int nlayers, int64_t ntokens,
                                    int64_t chunk_tokens, moecal_nonfinite policy,
-                                   int64_t first_step, int nslots, moecal_tokens **out);
+                                   int64_t first_step, int nslots, int readers,
+                                   moecal_tokens **out);
 /* Collective: the next chunk, step s.  The memory of step s + 1 - nslots is
  * reused, so call this only when done with that step.  A read or non-finite error on any leader is
  * returned on every rank: the rank that found it returns its status and
@@ -50,6 +56,11 @@ void moecal_tokens_quiesce(moecal_tokens *t);
 /* Seconds the main thread waited for reads (not overlapped) and spent in the
  * exchange. */
 void moecal_tokens_times(const moecal_tokens *t, double *wait_s, double *exchange_s);
+/* Leaders: the bytes of the file read so far, the seconds spent reading and
+ * scanning them, and the readers used (direct reads) or 1 (HDF5); 0s on
+ * the other ranks. */
+void moecal_tokens_reads(const moecal_tokens *t, uint64_t *bytes, double *read_s,
+                         int *readers);
 /* Collective. */
 void moecal_tokens_destroy(moecal_tokens *t);
 

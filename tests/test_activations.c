@@ -698,6 +698,170 @@ static void test_h5_fail(void **state)
     assert_non_null(strstr(moecal_error_message(), "a.h5: reading dataset 'x' failed"));
 }
 
+/* ------------------------------------------------------------------ direct reads */
+
+/* The map's rows against HDF5's (moecal_act_read_bf16) over ranges across
+ * chunk edges, with scratch of one row, three rows and 1 MiB. */
+static void same_as_hdf5(moecal_act *a, const moecal_act_map *m, int layer)
+{
+    int64_t T = moecal_act_tokens(a), H = moecal_act_hidden(a);
+    uint16_t *want = malloc((size_t)T * (size_t)H * 2), *got = malloc((size_t)T * (size_t)H * 2);
+    size_t rowb = (size_t)H * 4, sizes[3] = {rowb, 3 * rowb, 1u << 20};
+    char *scratch = malloc(1u << 20);
+    int64_t cr = moecal_act_chunk_rows(a) > 0 ? moecal_act_chunk_rows(a) : 7;
+    int64_t ranges[][2] = {{0, T}, {0, 1}, {cr - 1, 2}, {cr, cr}, {T - 5, 5}, {T, 0},
+                           {1, T - 2}, {3 * cr + 1, cr + 3}};
+
+    assert_non_null(want);
+    assert_non_null(got);
+    assert_non_null(scratch);
+    assert_int_equal(moecal_act_read_bf16(a, layer, 0, T, want), MOECAL_OK);
+    for (size_t k = 0; k < sizeof ranges / sizeof ranges[0]; k++) {
+        int64_t r0 = ranges[k][0], n = ranges[k][1];
+        if (r0 < 0 || n < 0 || r0 + n > T)
+            continue;
+        for (int z = 0; z < 3; z++) {
+            memset(got, 0xee, (size_t)T * (size_t)H * 2);
+            if (moecal_act_map_read_bf16(m, layer, r0, n, got, scratch, sizes[z]) != MOECAL_OK)
+                fail_msg("rows [%lld, +%lld): %s", (long long)r0, (long long)n,
+                         moecal_error_message());
+            for (size_t i = 0; i < (size_t)n * (size_t)H; i++)
+                if (got[i] != want[(size_t)r0 * (size_t)H + i])
+                    fail_msg("%s, rows [%lld, +%lld), scratch %zu: element %zu is %#x, HDF5 "
+                             "read %#x", moecal_dtype_name(moecal_act_dtype(a)), (long long)r0,
+                             (long long)n, sizes[z], i, got[i],
+                             want[(size_t)r0 * (size_t)H + i]);
+        }
+    }
+    free(want);
+    free(got);
+    free(scratch);
+}
+
+static void test_direct_reads(void **state)
+{
+    (void)state;
+    const moecal_dtype dts[3] = {MOECAL_DT_BF16, MOECAL_DT_F16, MOECAL_DT_F32};
+    const int layers[2] = {3, 9};
+    const int64_t T = 1000;
+    const int H = 4096;   /* chunks of 128 (bf16, f16) or 64 (f32) rows: the last one partial */
+
+    for (int d = 0; d < 3; d++) {
+        const char *path = tpath("direct.h5");
+        moecal_act_writer *w = NULL;
+        moecal_act *a = NULL;
+        moecal_act_map *m = NULL;
+
+        unlink(path);
+        assert_int_equal(moecal_act_create(path, T, H, layers, 2, dts[d], &w), MOECAL_OK);
+        for (int l = 0; l < 2; l++) {
+            float *x = make_rows(layers[l], 0, T, H);
+            x[5 * H + 7] = NAN;      /* non-finite values read as they are */
+            x[6 * H + 2] = -NAN;
+            x[999 * H] = -INFINITY;
+            assert_int_equal(moecal_act_write_float(w, layers[l], 0, T, x), MOECAL_OK);
+            free(x);
+        }
+        assert_int_equal(moecal_act_writer_close(w), MOECAL_OK);
+        assert_int_equal(moecal_act_open(path, MPI_COMM_NULL, &a), MOECAL_OK);
+        assert_int_equal(moecal_act_map_create(a, &m), MOECAL_OK);
+        assert_non_null(m);
+        for (int l = 0; l < 2; l++)
+            same_as_hdf5(a, m, layers[l]);
+        /* a layer the file lacks, rows past the end */
+        uint16_t row[H];
+        char sc[4 * H];
+        assert_int_equal(moecal_act_map_read_bf16(m, 4, 0, 1, row, sc, sizeof sc),
+                         MOECAL_ERR_INTERNAL);
+        assert_int_equal(moecal_act_map_read_bf16(m, 3, T, 1, row, sc, sizeof sc),
+                         MOECAL_ERR_INTERNAL);
+        /* the file cut short after the map was made: an error naming it */
+        assert_int_equal(truncate(path, 200000), 0);
+        moecal_status s = moecal_act_map_read_bf16(m, 9, T - 1, 1, row, sc, sizeof sc);
+        assert_int_equal(s, MOECAL_ERR_IO);
+        assert_non_null(strstr(moecal_error_message(), path));
+        assert_non_null(strstr(moecal_error_message(), "truncated"));
+        moecal_act_map_free(m);
+        moecal_act_close(a);
+        check_no_leak();
+        unlink(path);
+    }
+}
+
+/* A file of one float32 layer [16, 8] (written: storage allocated), laid
+ * out by dcpl, of the given file type. */
+static const char *layout_file(const char *name, hid_t dcpl, hid_t ftype)
+{
+    spec sp = good_spec();
+    const char *path;
+    hid_t f, d, s;
+    float v[16 * 8];
+
+    sp.nl = 0;
+    path = build(name, &sp);
+    for (int i = 0; i < 16 * 8; i++)
+        v[i] = (float)i * 0.25f - 3.0f;
+    f = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
+    hsize_t dims[2] = {16, 8};
+    s = H5Screate_simple(2, dims, NULL);
+    d = H5Dcreate2(f, "layers/3/hidden", ftype, s, H5P_DEFAULT, dcpl, H5P_DEFAULT);
+    if (d < 0) {
+        hid_t lcpl = H5Pcreate(H5P_LINK_CREATE);
+        H5Pset_create_intermediate_group(lcpl, 1);
+        d = H5Dcreate2(f, "layers/3/hidden", ftype, s, lcpl, dcpl, H5P_DEFAULT);
+        H5Pclose(lcpl);
+    }
+    assert_true(d >= 0);
+    assert_true(H5Dwrite(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, v) >= 0);
+    H5Dclose(d);
+    H5Sclose(s);
+    H5Fclose(f);
+    return path;
+}
+
+static void test_direct_layouts(void **state)
+{
+    (void)state;
+    struct {
+        const char *what;
+        int chunk_rows, chunk_cols, gzip;
+        hid_t type;
+        bool mapped;
+    } cases[] = {
+        {"contiguous", 0, 0, 0, H5T_IEEE_F32LE, true},
+        {"chunks of 5 rows", 5, 8, 0, H5T_IEEE_F32LE, true},
+        {"big-endian", 0, 0, 0, H5T_IEEE_F32BE, false},
+        {"chunks of 4 columns", 5, 4, 0, H5T_IEEE_F32LE, false},
+        {"gzip", 5, 8, 1, H5T_IEEE_F32LE, false},
+    };
+
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE);
+        moecal_act *a = NULL;
+        moecal_act_map *m = (moecal_act_map *)&dcpl;
+        if (cases[i].chunk_rows) {
+            hsize_t cd[2] = {(hsize_t)cases[i].chunk_rows, (hsize_t)cases[i].chunk_cols};
+            assert_true(H5Pset_chunk(dcpl, 2, cd) >= 0);
+        }
+        if (cases[i].gzip)
+            assert_true(H5Pset_deflate(dcpl, 1) >= 0);
+        const char *path = layout_file("layout.h5", dcpl, cases[i].type);
+        H5Pclose(dcpl);
+        if (moecal_act_open(path, MPI_COMM_NULL, &a) != MOECAL_OK)
+            fail_msg("%s: %s", cases[i].what, moecal_error_message());
+        if (moecal_act_map_create(a, &m) != MOECAL_OK)
+            fail_msg("%s: %s", cases[i].what, moecal_error_message());
+        if ((m != NULL) != cases[i].mapped)
+            fail_msg("%s: %s", cases[i].what, m ? "mapped" : "not mapped");
+        if (m)
+            same_as_hdf5(a, m, 3);
+        moecal_act_map_free(m);
+        moecal_act_close(a);
+        check_no_leak();
+        unlink(path);
+    }
+}
+
 int main(int argc, char **argv)
 {
     const struct CMUnitTest tests[] = {
@@ -723,6 +887,8 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_not_hdf5),
         cmocka_unit_test(test_nonfinite),
         cmocka_unit_test(test_nonfinite_names_file),
+        cmocka_unit_test(test_direct_reads),
+        cmocka_unit_test(test_direct_layouts),
     };
     const char *base = getenv("TMPDIR");
     int rc;
