@@ -803,8 +803,6 @@ moecal_status setup_select(moecal_backend *b, int dev)
     return MOECAL_OK;
 }
 
-/* The step (tokens per GPU pass) under the memory limit, smaller steps
- * tried before giving up with the sizes; then the buffers. */
 /* The step to try first (the setting, or the default for the mode) and the
  * piece; sets b->piece. */
 int64_t first_step(moecal_backend *b, const moecal_backend_config *cfg)
@@ -823,6 +821,8 @@ int64_t first_step(moecal_backend *b, const moecal_backend_config *cfg)
     return step;
 }
 
+/* The step (tokens per GPU pass) under the memory limit, smaller steps
+ * tried before giving up with the sizes; then the buffers. */
 moecal_status size_and_allocate(moecal_backend *b, const moecal_backend_config *cfg)
 {
     size_t freeb = 0, totalb = 0;

@@ -119,11 +119,39 @@ static void test_one_node(void **state)
     moecal_plan_free(&p);
 }
 
+/* Each backend sizes itself without allocating; a CUDA rank needs no GPU
+ * to be planned. */
+static void test_backend_memory(void **state)
+{
+    (void)state;
+    moecal_model_config m = model();
+    moecal_backend_config bc = {.model = &m, .e0 = 2, .e1 = 7, .max_chunk_tokens = 1000,
+                                .device = -1, .threads = 2};
+    uint64_t host = 0, dev = 1;
+    const uint64_t w13 = 5ull * 2 * 32 * 64;   /* 5 experts' w1|w3 elements */
+
+    assert_int_equal(moecal_backend_cpu.memory(&bc, &host, &dev), MOECAL_OK);
+    assert_int_equal(dev, 0);
+    assert_true(host > w13 * 4 + 1000ull * 64 * 4);   /* float weights and chunk rows */
+    bc.max_chunk_tokens = 0;
+    assert_int_not_equal(moecal_backend_cpu.memory(&bc, &host, &dev), MOECAL_OK);
+#ifdef HAVE_CUDA
+    bc.max_chunk_tokens = 1000;
+    assert_non_null(moecal_backend_cuda.memory);
+    assert_int_equal(moecal_backend_cuda.memory(&bc, &host, &dev), MOECAL_OK);
+    assert_true(dev > w13 * 2 + 1000ull * 64 * 2);    /* bf16 weights and chunk rows */
+    bc.e1 = 2;                                        /* no expert: nothing on the GPU */
+    assert_int_equal(moecal_backend_cuda.memory(&bc, &host, &dev), MOECAL_OK);
+    assert_int_equal(dev, 0);
+#endif
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_split_and_bytes),
         cmocka_unit_test(test_one_node),
+        cmocka_unit_test(test_backend_memory),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
