@@ -4,6 +4,9 @@
  * /layers/<L>/hidden [T, H] per MoE layer L (model layer index), same T for
  * all layers, chunked by rows; element type bf16 (16-bit HDF5 float, 8
  * exponent bits, bias 127, 7 mantissa bits), float16 or float32.
+ * moecal-capture also stores the dense layers' MLP inputs this way, and
+ * gives each /layers/<L> the attributes kind ("moe" or "dense") and
+ * o_proj_input_amax (float32); calibration reads the layers it needs.
  *
  * Every HDF5 failure becomes a moecal error whose message names the file, the
  * dataset, what was expected and what was found, followed by the innermost

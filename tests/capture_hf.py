@@ -241,6 +241,20 @@ def cmd_reference(args):
     state = {"mask": None}
     handles = []
     fused = None
+    # the dense layers' MLP inputs and every layer's o_proj input amax
+    dense_layers = [i for i in range(len(model.model.layers)) if i not in moe_layers]
+    dense_in = {L: [] for L in dense_layers}
+    o_amax = {}
+    for L, layer in enumerate(model.model.layers):
+        def o_pre(mod, a, L=L):
+            x = a[0].reshape(-1, a[0].shape[-1])[state["mask"].reshape(-1).to(a[0].device)]
+            o_amax[L] = max(o_amax.get(L, 0.0), float(x.abs().max().float()))
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(o_pre))
+        if L in dense_in:
+            def d_in(mod, a, L=L):
+                x = a[0].reshape(-1, a[0].shape[-1])
+                dense_in[L].append(bf16_bits(x[state["mask"].reshape(-1).to(x.device)]))
+            handles.append(layer.mlp.register_forward_pre_hook(d_in))
 
     def upd(arr, li, e, v):
         arr[li, e] = max(arr[li, e], float(v))
@@ -327,15 +341,31 @@ def cmd_reference(args):
             if diff:
                 fail(f"{args.act}: layer {L}: {diff} of {got.size} values differ from the MoE "
                      "input of a second forward pass (non-deterministic kernels?)")
-        extra = set(f["layers"].keys()) - {str(L) for L in moe_layers}
+        for L in moe_layers + dense_layers:
+            kind = f[f"layers/{L}"].attrs.get("kind", b"")
+            kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+            want = "moe" if L in moe_layers else "dense"
+            if kind != want:
+                fail(f"{args.act}: layer {L} has kind '{kind}', expected '{want}'")
+            got = float(f[f"layers/{L}"].attrs["o_proj_input_amax"])
+            if got != np.float32(o_amax[L]):
+                fail(f"{args.act}: layer {L}: o_proj_input_amax {got}, the hook saw "
+                     f"{o_amax[L]}")
+        for L in dense_layers:
+            got = file_bits(f[f"layers/{L}/hidden"])
+            want = np.concatenate(dense_in[L])
+            if got.shape != want.shape or int((got != want).sum()):
+                fail(f"{args.act}: dense layer {L} differs from its MLP's input")
+        extra = set(f["layers"].keys()) - {str(L) for L in moe_layers + dense_layers}
         if extra:
-            fail(f"{args.act}: layers {sorted(extra)} are not MoE layers")
+            fail(f"{args.act}: layers {sorted(extra)} are not layers of the model")
     np.savez(args.out, layers=np.array(moe_layers), tokens_per_expert=count, amax_x=amax_x,
              amax_h=amax_h, weight_amax=wamax, near_ties=near, min_margin=minmargin)
     T = sum(len(s) for s in seqs)
     print(f"capture_hf: reference on {dev} ({'fused' if fused else 'per-expert'} experts, "
           f"transformers {transformers.__version__}): {T} tokens, MoE layers {moe_layers}; "
-          f"activation file matches the model's MoE inputs bit for bit; router near-ties "
+          f"activation file matches the model's MoE inputs, dense MLP inputs "
+          f"{dense_layers} and o_proj input amax bit for bit; router near-ties "
           f"(margin < 1e-6) per layer {near.tolist()}, smallest margin "
           f"{', '.join(f'{m:.3g}' for m in minmargin)}")
     return 0

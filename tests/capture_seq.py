@@ -99,6 +99,10 @@ def cmd_same(a, b):
             if not np.array_equal(xa, ya):
                 bad = int(np.count_nonzero(xa != ya))
                 fail(f"layer {L}: {bad} of {xa.size} values differ between {a} and {b}")
+            ga, gb = dict(fa[f"layers/{L}"].attrs), dict(fb[f"layers/{L}"].attrs)
+            if sorted(ga) != sorted(gb) or any(
+                    np.asarray(ga[k]).tobytes() != np.asarray(gb[k]).tobytes() for k in ga):
+                fail(f"layer {L}: attributes {ga} in {a}, {gb} in {b}")
         n = fa[f"layers/{la[0]}/hidden"].shape[0]
         print(f"capture_seq: {a} and {b}: {len(la)} layers x {n} tokens, bit for bit")
     return 0

@@ -212,9 +212,13 @@ def cmd_reference(args):
                 if idx.shape != (T, k):
                     fail(f"layer {L}: the router chose {idx.shape}, expected {(T, k)}")
                 np.put_along_axis(dst[li], idx, True, axis=1)
+
+        def kind(L):
+            v = f[f"layers/{L}"].attrs.get("kind", b"")
+            return v.decode() if isinstance(v, bytes) else str(v)
         extra = set(f["layers"].keys()) - {str(L) for L in layers}
-        if extra:
-            fail(f"{args.act}: layers {sorted(extra)} are not MoE layers")
+        if any(kind(L) != "dense" for L in extra):
+            fail(f"{args.act}: layers {sorted(extra)} are neither MoE nor dense layers")
     # probabilities at the k-th place, to tell exact ties from real differences
     np.savez(args.out, layers=np.array(layers), assign=assign, assign_cpu=assign_cpu,
              tokens_per_expert=count, amax_x=amax_x, amax_h=amax_h, weight_amax=wamax,
