@@ -606,14 +606,11 @@ void moecal_act_close(moecal_act *a)
 {
     if (!a)
         return;
-    if (a->dsets)
-        for (int i = 0; i < a->n_layers; i++)
-            moecal_h5_close(&a->dsets[i]);
+    moecal_h5_close_array(a->dsets, a->n_layers);
     moecal_h5_close(&a->mem_bf16);
     moecal_h5_close(&a->dxpl);
     moecal_h5_close(&a->file);
     H5Eclear2(H5E_DEFAULT);
-    free(a->dsets);
     free(a->layers);
     free(a->scratch);
     free(a->path);
@@ -830,16 +827,13 @@ static moecal_status write_i64_attr(const char *path, hid_t obj, const char *nam
 
 static void writer_free(moecal_act_writer *w)
 {
-    if (w->dsets)
-        for (int i = 0; i < w->n_layers; i++)
-            moecal_h5_close(&w->dsets[i]);
+    moecal_h5_close_array(w->dsets, w->n_layers);
     moecal_h5_close(&w->ftype);
     moecal_h5_close(&w->gcpl);
     if (w->mtype >= 0 && w->mtype != H5T_NATIVE_FLOAT)
         moecal_h5_close(&w->mtype);
     moecal_h5_close(&w->file);
     H5Eclear2(H5E_DEFAULT);
-    free(w->dsets);
     free(w->layers);
     free(w->scratch);
     free(w->tmp);

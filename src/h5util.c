@@ -185,3 +185,10 @@ void moecal_h5_close(hid_t *id)
     }
     *id = -1;
 }
+
+void moecal_h5_close_array(hid_t *ids, int n)
+{
+    for (int i = 0; ids && i < n; i++)
+        moecal_h5_close(&ids[i]);
+    free(ids);
+}

@@ -36,6 +36,8 @@ moecal_status moecal_h5_attr_int(hid_t obj, const char *path, const char *name, 
  * errors while cleaning up are ignored (the first error is the one
  * reported). */
 void moecal_h5_close(hid_t *id);
+/* moecal_h5_close of ids[0..n), then free(ids); ids may be NULL. */
+void moecal_h5_close_array(hid_t *ids, int n);
 
 moecal_status moecal_h5_fail(const char *where, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
