@@ -19,6 +19,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -184,6 +185,8 @@ struct moecal_act {
     int H;
     moecal_dtype dtype;
     int64_t chunk_rows;
+    bool *dense;          /* [n_layers] kind "dense" (moecal-capture) */
+    double *o_amax;       /* [n_layers] o_proj_input_amax, NaN when not recorded */
     float *scratch;       /* read_bf16 of f16/f32 data */
     size_t scratch_n;     /* floats */
 };
@@ -214,6 +217,30 @@ static bool parse_layer_name(const char *s, int *out)
 static int cmp_int(const void *a, const void *b)
 {
     return MOECAL_CMP(*(const int *)a, *(const int *)b);
+}
+
+/* The attributes moecal-capture gives /layers/<name>: kind and the o_proj
+ * input amax, both optional. */
+static moecal_status layer_attrs(moecal_act *a, hid_t layers_g, const char *name, int i)
+{
+    hid_t g = H5Gopen2(layers_g, name, H5P_DEFAULT);
+    char where[512], kind[16];
+    bool found = false;
+    moecal_status st;
+
+    if (g < 0)
+        return h5_fail(MOECAL_ERR_FORMAT, "%s: cannot open group /layers/%s", a->path, name);
+    snprintf(where, sizeof where, "%s: /layers/%s", a->path, name);
+    a->o_amax[i] = NAN;
+    st = moecal_h5_attr_str(g, where, "kind", false, kind, sizeof kind, &found);
+    if (st == MOECAL_OK && found && strcmp(kind, "moe") != 0 && strcmp(kind, "dense") != 0)
+        st = moecal_error_set(MOECAL_ERR_FORMAT, "%s: attribute 'kind' is '%s'; expected "
+                              "'moe' or 'dense'", where, kind);
+    a->dense[i] = st == MOECAL_OK && found && strcmp(kind, "dense") == 0;
+    if (st == MOECAL_OK)
+        st = moecal_h5_attr_float(g, where, "o_proj_input_amax", false, &a->o_amax[i], NULL);
+    H5Gclose(g);
+    return st;
 }
 
 /* Open /layers/<name>/hidden of the file and check it; fills dims and dtype. */
@@ -405,7 +432,9 @@ static moecal_status open_layers(moecal_act *a, hid_t lapl)
     names = calloc(gi.nlinks, sizeof *names);
     a->layers = calloc(gi.nlinks, sizeof *a->layers);
     a->dsets = malloc(gi.nlinks * sizeof *a->dsets);
-    if (!names || !a->layers || !a->dsets) {
+    a->dense = calloc(gi.nlinks, sizeof *a->dense);
+    a->o_amax = calloc(gi.nlinks, sizeof *a->o_amax);
+    if (!names || !a->layers || !a->dsets || !a->dense || !a->o_amax) {
         st = moecal_error_set(MOECAL_ERR_NOMEM, "%s: out of memory", a->path);
         goto out;
     }
@@ -450,6 +479,8 @@ static moecal_status open_layers(moecal_act *a, hid_t lapl)
         moecal_dtype dt = MOECAL_DT_UNKNOWN;
         int64_t crow = 0;
         st = open_layer(a, g, lapl, names[i], &a->dsets[i], dims, &dt, &crow);
+        if (st == MOECAL_OK)
+            st = layer_attrs(a, g, names[i], i);
         if (st != MOECAL_OK)
             goto out;
         if (first < 0) {
@@ -607,6 +638,8 @@ void moecal_act_close(moecal_act *a)
     if (!a)
         return;
     moecal_h5_close_array(a->dsets, a->n_layers);
+    free(a->dense);
+    free(a->o_amax);
     moecal_h5_close(&a->mem_bf16);
     moecal_h5_close(&a->dxpl);
     moecal_h5_close(&a->file);
@@ -625,6 +658,8 @@ const int *moecal_act_layers(const moecal_act *a) { return a->layers; }
 moecal_dtype moecal_act_dtype(const moecal_act *a) { return a->dtype; }
 int64_t moecal_act_chunk_rows(const moecal_act *a) { return a->chunk_rows; }
 int64_t moecal_act_file(const moecal_act *a) { return a->file; }
+bool moecal_act_layer_dense(const moecal_act *a, int i) { return a->dense[i]; }
+double moecal_act_o_proj_amax(const moecal_act *a, int i) { return a->o_amax[i]; }
 int64_t moecal_act_dataset(const moecal_act *a, int i) { return a->dsets[i]; }
 
 static int layer_index(const moecal_act *a, int layer)

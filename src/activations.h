@@ -18,6 +18,7 @@
 #ifndef MOECAL_ACTIVATIONS_H
 #define MOECAL_ACTIVATIONS_H
 
+#include <stdbool.h>
 #include <stdint.h>
 #include <mpi.h>
 
@@ -47,6 +48,11 @@ int moecal_act_n_layers(const moecal_act *a);
 const int *moecal_act_layers(const moecal_act *a);     /* ascending model layer indices */
 moecal_dtype moecal_act_dtype(const moecal_act *a);    /* stored element type */
 int moecal_act_has_layer(const moecal_act *a, int layer);
+/* Of the i-th layer (ascending): stored as a dense layer's MLP input
+ * (attribute kind = "dense"; MoE otherwise), and the largest |x| that
+ * entered its o_proj (attribute o_proj_input_amax; NaN when not recorded). */
+bool moecal_act_layer_dense(const moecal_act *a, int i);
+double moecal_act_o_proj_amax(const moecal_act *a, int i);
 /* Rows per HDF5 chunk of the first layer's dataset, 0 when not chunked. */
 int64_t moecal_act_chunk_rows(const moecal_act *a);
 

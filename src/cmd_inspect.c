@@ -699,6 +699,20 @@ static moecal_status inspect_act(const char *path, json_t *j)
     jset(j, "dtype", json_string(dn));
     jset(j, "chunk_rows", json_integer(moecal_act_chunk_rows(a)));
     jset(j, "file_bytes", json_integer(stat(path, &st) == 0 ? (json_int_t)st.st_size : 0));
+    /* what moecal-capture adds: which layers hold dense MLP inputs, and the
+     * o_proj input amax of each layer */
+    json_t *dense = json_array(), *oa = json_object();
+    for (int i = 0; dense && oa && i < moecal_act_n_layers(a); i++) {
+        char key[16];
+        if (moecal_act_layer_dense(a, i))
+            json_array_append_new(dense, json_integer(moecal_act_layers(a)[i]));
+        if (!isnan(moecal_act_o_proj_amax(a, i))) {
+            snprintf(key, sizeof key, "%d", moecal_act_layers(a)[i]);
+            json_object_set_new(oa, key, json_real(moecal_act_o_proj_amax(a, i)));
+        }
+    }
+    jset(j, "dense_layers", dense);
+    jset(j, "o_proj_input_amax", oa);
     moecal_act_close(a);
     return MOECAL_OK;
 }
@@ -723,6 +737,20 @@ static void print_act(const json_t *j)
     printf("  %-14s %lld\n", "hidden_size",
            (long long)json_integer_value(json_object_get(j, "hidden_size")));
     printf("  %-14s %s (%d)\n", "layers", lay, n);
+    {
+        const json_t *dl = json_object_get(j, "dense_layers");
+        const json_t *oa = json_object_get(j, "o_proj_input_amax");
+        if (json_array_size(dl) > 0) {
+            printf("  %-14s", "dense layers");
+            for (size_t x = 0; x < json_array_size(dl); x++)
+                printf("%s%lld", x ? ", " : " ",
+                       (long long)json_integer_value(json_array_get(dl, x)));
+            printf(" (MLP inputs; the others are MoE inputs)\n");
+        }
+        if (json_object_size(oa) > 0)
+            printf("  %-14s o_proj input amax of %zu layer(s)\n", "recorded",
+                   json_object_size(oa));
+    }
     printf("  %-14s %s\n", "dtype", json_string_value(json_object_get(j, "dtype")));
     if (cr > 0)
         printf("  %-14s %lld rows per chunk\n", "chunking", cr);

@@ -140,8 +140,9 @@ out:
     return st;
 }
 
-moecal_status moecal_h5_attr_int(hid_t obj, const char *path, const char *name, bool required,
-                                 int64_t *v, bool *found)
+/* One number of class want, read as mt into v (attr_int, attr_float). */
+static moecal_status attr_number(hid_t obj, const char *path, const char *name, bool required,
+                                 H5T_class_t want, hid_t mt, void *v, bool *found)
 {
     h5attr a;
     moecal_status st = MOECAL_OK;
@@ -154,17 +155,29 @@ moecal_status moecal_h5_attr_int(hid_t obj, const char *path, const char *name, 
         return MOECAL_OK;
     hssize_t n = H5Sget_simple_extent_npoints(a.space);
     H5T_class_t cls = H5Tget_class(a.type);
-    if (cls != H5T_INTEGER || n != 1)
+    if (cls != want || n != 1)
         st = moecal_error_set(MOECAL_ERR_FORMAT, "%s: attribute '%s' is %s with %lld "
-                              "element(s); expected one integer", path, name,
+                              "element(s); expected one %s", path, name,
                               cls == H5T_INTEGER ? "an integer"
                               : cls == H5T_STRING ? "a string"
                               : cls == H5T_FLOAT ? "a float" : "not a number",
-                              (long long)n);
-    else if (H5Aread(a.attr, H5T_NATIVE_INT64, v) < 0)
+                              (long long)n, want == H5T_INTEGER ? "integer" : "float");
+    else if (H5Aread(a.attr, mt, v) < 0)
         st = moecal_h5_fail(path, "reading attribute '%s'", name);
     attr_close(&a);
     return st;
+}
+
+moecal_status moecal_h5_attr_int(hid_t obj, const char *path, const char *name, bool required,
+                                 int64_t *v, bool *found)
+{
+    return attr_number(obj, path, name, required, H5T_INTEGER, H5T_NATIVE_INT64, v, found);
+}
+
+moecal_status moecal_h5_attr_float(hid_t obj, const char *path, const char *name,
+                                   bool required, double *v, bool *found)
+{
+    return attr_number(obj, path, name, required, H5T_FLOAT, H5T_NATIVE_DOUBLE, v, found);
 }
 
 /* Close an id of any kind if it is valid; errors while cleaning up are

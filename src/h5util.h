@@ -27,6 +27,9 @@ moecal_status moecal_h5_attr_str(hid_t obj, const char *path, const char *name, 
  * count: MOECAL_ERR_FORMAT naming what it is. */
 moecal_status moecal_h5_attr_int(hid_t obj, const char *path, const char *name, bool required,
                                  int64_t *v, bool *found);
+/* The same for one float (any float type), as a double. */
+moecal_status moecal_h5_attr_float(hid_t obj, const char *path, const char *name,
+                                   bool required, double *v, bool *found);
 
 /* Record MOECAL_ERR_HDF5 "WHERE: WHAT failed" (WHAT formatted from fmt),
  * with the innermost message of HDF5's error stack when it has one ("...

@@ -36,6 +36,13 @@ for fam in qwen3_moe mixtral deepseek_v3; do
     grep -q "tokens/s" "$T/$fam-seq.log" || fail "$fam: no per-layer rate: $(cat "$T/$fam-seq.log")"
     run "$PY" "$HELP" same "$T/$fam-whole.h5" "$T/$fam-seq.h5"
 done
+# moecal reads what the capture adds: layer 0 holds dense MLP inputs, and
+# every layer its o_proj input amax
+"$MOECAL" inspect --json "$T/deepseek_v3-seq.h5" >"$T/inspect.json" || fail "inspect failed"
+"$PY" -c 'import json, sys
+d = json.load(open(sys.argv[1]))
+assert d["dense_layers"] == [0] and sorted(d["o_proj_input_amax"]) == ["0", "1", "2"], d' \
+    "$T/inspect.json" || fail "inspect: $(cat "$T/inspect.json")"
 run cap "$T/deepseek_v3" "$T/deepseek_v3.txt" "$T/spill.h5" --max-tokens 1000 --sequential \
     --spill-dir "$T/spill"
 run "$PY" "$HELP" same "$T/deepseek_v3-whole.h5" "$T/spill.h5"

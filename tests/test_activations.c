@@ -862,6 +862,63 @@ static void test_direct_layouts(void **state)
     }
 }
 
+/* What moecal-capture adds to a layer: kind and o_proj_input_amax. */
+static void test_layer_attrs(void **state)
+{
+    (void)state;
+    const char *path = tpath("kinds.h5");
+    const int layers[2] = {0, 3};
+    moecal_act_writer *w = NULL;
+    moecal_act *a = NULL;
+    float x[4 * 8];
+
+    for (int i = 0; i < 32; i++)
+        x[i] = (float)i;
+    unlink(path);
+    assert_int_equal(moecal_act_create(path, 4, 8, layers, 2, MOECAL_DT_BF16, &w), MOECAL_OK);
+    for (int l = 0; l < 2; l++)
+        assert_int_equal(moecal_act_write_float(w, layers[l], 0, 4, x), MOECAL_OK);
+    assert_int_equal(moecal_act_writer_close(w), MOECAL_OK);
+    /* without the attributes: MoE, nothing recorded */
+    assert_int_equal(moecal_act_open(path, MPI_COMM_NULL, &a), MOECAL_OK);
+    assert_false(moecal_act_layer_dense(a, 0));
+    assert_true(isnan(moecal_act_o_proj_amax(a, 1)));
+    moecal_act_close(a);
+
+    hid_t f = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT), g = H5Gopen2(f, "layers/0", H5P_DEFAULT);
+    attr_str(g, "kind", "dense", 0);
+    hid_t sp = H5Screate(H5S_SCALAR);
+    hid_t at = H5Acreate2(g, "o_proj_input_amax", H5T_IEEE_F32LE, sp, H5P_DEFAULT, H5P_DEFAULT);
+    float v = 1.5f;
+    assert_true(H5Awrite(at, H5T_NATIVE_FLOAT, &v) >= 0);
+    H5Aclose(at);
+    H5Gclose(g);
+    g = H5Gopen2(f, "layers/3", H5P_DEFAULT);
+    attr_str(g, "kind", "moe", 1);
+    H5Gclose(g);
+    H5Sclose(sp);
+    H5Fclose(f);
+    assert_int_equal(moecal_act_open(path, MPI_COMM_NULL, &a), MOECAL_OK);
+    assert_true(moecal_act_layer_dense(a, 0));
+    assert_false(moecal_act_layer_dense(a, 1));
+    assert_true(moecal_act_o_proj_amax(a, 0) == 1.5);
+    assert_true(isnan(moecal_act_o_proj_amax(a, 1)));
+    moecal_act_close(a);
+
+    /* a kind moecal does not know is refused, naming the layer */
+    f = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
+    g = H5Gopen2(f, "layers/3", H5P_DEFAULT);
+    H5Adelete(g, "kind");
+    attr_str(g, "kind", "sparse", 0);
+    H5Gclose(g);
+    H5Fclose(f);
+    assert_int_equal(moecal_act_open(path, MPI_COMM_NULL, &a), MOECAL_ERR_FORMAT);
+    assert_non_null(strstr(moecal_error_message(), "/layers/3"));
+    assert_non_null(strstr(moecal_error_message(), "'sparse'"));
+    check_no_leak();
+    unlink(path);
+}
+
 int main(int argc, char **argv)
 {
     const struct CMUnitTest tests[] = {
@@ -889,6 +946,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_nonfinite_names_file),
         cmocka_unit_test(test_direct_reads),
         cmocka_unit_test(test_direct_layouts),
+        cmocka_unit_test(test_layer_attrs),
     };
     const char *base = getenv("TMPDIR");
     int rc;
