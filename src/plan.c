@@ -11,6 +11,7 @@
 #include "calibrate.h"
 #include "model.h"
 #include "plan.h"
+#include "prefetch.h"
 #include "router.h"
 #include "runtime.h"
 #include "util.h"
@@ -37,20 +38,14 @@ static int64_t leader_rows(int64_t nrows, int node, int nodes)
     return nrows * (node + 1) / nodes - nrows * node / nodes;
 }
 
-/* What a rank with experts [e0, e1) holds on the host besides its backend:
- * the prefetch's router and w1|w3 buffers, and the amax tables. */
+/* What a rank with n experts holds on the host besides its backend: the
+ * prefetch's buffers (its own sizing) and the amax tables. */
 static uint64_t rank_host(const moecal_plan_job *job, int n, int64_t C)
 {
-    const moecal_model_config *m = job->cfg;
-    uint64_t E = (uint64_t)m->n_routed_experts, H = (uint64_t)m->hidden_size;
-    uint64_t I = (uint64_t)m->moe_intermediate_size, L = (uint64_t)job->L, N = (uint64_t)n;
-    uint64_t B = m->weight_block[0] > 0 ? (uint64_t)m->weight_block[0] : 128;
-    uint64_t nsc = ((I + B - 1) / B) * ((H + B - 1) / B);
-    uint64_t bytes = E * H * 4 + E * 4 + N * 3 * 4;
+    uint64_t L = (uint64_t)job->L, N = (uint64_t)n;
 
-    bytes += job->fp8_buffers ? 2 * N * I * H + 2 * N * nsc * 4 : 2 * N * I * H * 2;
-    bytes += 3 * L * N * 3 * 4 + L * (uint64_t)C * N * (3 * 4 + 8) + (uint64_t)C * 16;
-    return bytes;
+    return moecal_prefetch_memory(job->cfg, n, job->fp8_buffers) + 3 * L * N * 3 * 4 +
+           L * (uint64_t)C * N * (3 * 4 + 8) + (uint64_t)C * 16;
 }
 
 static moecal_status plan_rank(const moecal_plan_job *job, int r, int64_t C, uint64_t window,

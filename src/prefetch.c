@@ -42,13 +42,34 @@ static void *xmalloc(size_t n, size_t size)
     return n == 0 || size == 0 ? calloc(1, 1) : calloc(n, size);
 }
 
+/* Elements of one expert projection and of its block scales. */
+static void proj_sizes(const moecal_model_config *cfg, int *block, size_t *per, size_t *nsc)
+{
+    size_t H = (size_t)cfg->hidden_size, I = (size_t)cfg->moe_intermediate_size, B;
+
+    *block = cfg->weight_block[0] > 0 ? cfg->weight_block[0] : 128;
+    B = (size_t)*block;
+    *per = I * H;
+    *nsc = ((I + B - 1) / B) * ((H + B - 1) / B);
+}
+
+uint64_t moecal_prefetch_memory(const moecal_model_config *cfg, int n, bool fp8)
+{
+    int block;
+    size_t per, nsc, E = (size_t)cfg->n_routed_experts, n2 = 2 * (size_t)n;
+
+    proj_sizes(cfg, &block, &per, &nsc);
+    return (uint64_t)(E * (size_t)cfg->hidden_size * sizeof(float) + E * sizeof(float) +
+                      (size_t)n * 3 * sizeof(float) +
+                      (fp8 ? n2 * per + n2 * nsc * sizeof(float) : n2 * per * sizeof(uint16_t)));
+}
+
 moecal_status moecal_prefetch_create(moecal_model *m, int e0, int n, bool fp8, int threads,
                                      moecal_prefetch **out)
 {
     moecal_prefetch *pf = calloc(1, sizeof *pf);
     const moecal_model_config *cfg = moecal_model_cfg(m);
-    size_t H = (size_t)cfg->hidden_size, I = (size_t)cfg->moe_intermediate_size;
-    size_t B;
+    size_t H = (size_t)cfg->hidden_size;
 
     *out = NULL;
     if (pf == NULL)
@@ -59,10 +80,7 @@ moecal_status moecal_prefetch_create(moecal_model *m, int e0, int n, bool fp8, i
     pf->n = n;
     pf->threads = threads > 0 ? threads : 1;
     pf->want_fp8 = fp8;
-    pf->block = cfg->weight_block[0] > 0 ? cfg->weight_block[0] : 128;
-    B = (size_t)pf->block;
-    pf->per = I * H;
-    pf->nsc = ((I + B - 1) / B) * ((H + B - 1) / B);
+    proj_sizes(cfg, &pf->block, &pf->per, &pf->nsc);
     pf->gate = xmalloc((size_t)cfg->n_routed_experts * H, sizeof(float));
     pf->bias = xmalloc((size_t)cfg->n_routed_experts, sizeof(float));
     pf->wamax = xmalloc((size_t)n * 3, sizeof(float));

@@ -39,6 +39,9 @@ moecal_status moecal_prefetch_start(moecal_prefetch *pf, int layer);
 moecal_status moecal_prefetch_wait(moecal_prefetch *pf, moecal_layer_weights *lw, float *wamax);
 /* Seconds the reads took in the background, and the caller waited. */
 void moecal_prefetch_times(const moecal_prefetch *pf, double *read_s, double *wait_s);
+/* The host bytes a prefetch of n experts holds (router, w1|w3 buffers in
+ * the FP8 or the bf16 form, weight amax), for `--plan`. */
+uint64_t moecal_prefetch_memory(const moecal_model_config *cfg, int n, bool fp8);
 /* The stored bytes of the layers read so far (moecal_model_layer_bytes). */
 uint64_t moecal_prefetch_bytes(const moecal_prefetch *pf);
 /* Joins a read in progress. */

@@ -361,3 +361,13 @@ void same_bits(const problem *p, const result *a, const result *b)
     assert_memory_equal(a->amax_x, b->amax_x, (size_t)n * sizeof(float));
     assert_memory_equal(a->amax_h, b->amax_h, (size_t)n * sizeof(float));
 }
+
+void check_cold_and_one(const problem *p, bool all, const result *r)
+{
+    if (all)
+        return;
+    if (p->cold >= 0)
+        assert_int_equal(r->tokens[p->cold - p->e0], 0);
+    if (p->one >= 0)
+        assert_int_equal(r->tokens[p->one - p->e0], p->skip[p->one_token] ? 0 : 1);
+}

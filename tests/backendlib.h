@@ -73,5 +73,8 @@ void compare(const problem *p, bool all, const char *what, const result *got, co
              const result *want);
 /* The same bits. */
 void same_bits(const problem *p, const result *a, const result *b);
+/* In top-k mode the cold expert got no token and the one-token expert its
+ * one token (none when that token is skipped). */
+void check_cold_and_one(const problem *p, bool all, const result *r);
 
 #endif

@@ -89,12 +89,7 @@ static void check_problem(const problem *p, bool all, int odd_chunk, int small_s
         assert_int_equal(cudaHostUnregister(p->x), cudaSuccess);
         set_step(0);
     }
-    if (!all) {
-        if (p->cold >= 0)
-            assert_int_equal(cpu.tokens[p->cold - p->e0], 0);
-        if (p->one >= 0)
-            assert_int_equal(cpu.tokens[p->one - p->e0], p->skip[p->one_token] ? 0 : 1);
-    }
+    check_cold_and_one(p, all, &cpu);
     result_free(&cpu);
     result_free(&gpu);
 }

@@ -60,12 +60,7 @@ static void check(const moecal_backend_ops *ops, const problem *p, bool all, int
         run_backend(ops, p, all, THREADS, odd_chunk, true, &got);
         compare(p, all, ops->name, &got, ref, &want);
     }
-    if (!all) {
-        if (p->cold >= 0)
-            assert_int_equal(want.tokens[p->cold - p->e0], 0);
-        if (p->one >= 0)
-            assert_int_equal(want.tokens[p->one - p->e0], p->skip[p->one_token] ? 0 : 1);
-    }
+    check_cold_and_one(p, all, &want);
     result_free(&want);
     result_free(&got);
 }
